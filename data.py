@@ -1,0 +1,255 @@
+"""Datasets as uint8 image arrays (N, H, W, C) + int64 labels, and the token cache.
+
+Two sources:
+  - Fashion-MNIST: the four official IDX .gz files, looked up in --data-dir (default data/), then
+    in /usr/share/datasets/fashion-mnist (Debian: `apt-get install dataset-fashion-mnist`), else
+    downloaded from the official mirror with a sha256 check.
+  - a folder of images with one subfolder per class (centre crop + resize), e.g. ImageNet's train/.
+
+The token cache stores a split encoded once by a tokenizer: codes (N, h, w) in an .npy (memory
+mappable for big sets), labels in a second .npy, and a .json that records the fingerprints of the
+tokenizer and the images it was built from. A cache built by another tokenizer is refused.
+
+    python data.py                       # fetch Fashion-MNIST if missing, print what was found
+    python data.py --folder path/to/train --image-size 64
+"""
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import struct
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {  # name -> sha256 of the official .gz
+    "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+    "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+    "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+    "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+}
+CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+           "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def fingerprint(*parts):
+    """Short sha256 of arrays, strings and numbers: what an artifact was built from."""
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, np.ndarray):
+            h.update(str((p.dtype, p.shape)).encode())
+            h.update(np.ascontiguousarray(p).data)
+        else:
+            h.update(repr(p).encode())
+    return h.hexdigest()[:16]
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then move tmp_path onto path: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")  # same suffix, so np.save / PIL keep the name
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def download(url, path, sha256):
+    """Download url to path with a progress bar; the file appears only if its sha256 matches."""
+    def fetch(tmp):
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+                total = int(r.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=Path(path).name) as bar:
+                    for chunk in iter(lambda: r.read(1 << 16), b""):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+        except OSError as e:
+            raise SystemExit(f"could not download {url} ({e}): check the network, or put the "
+                             f"file at {path} yourself") from None
+        got = sha256_file(tmp)
+        if got != sha256:
+            raise SystemExit(f"download of {url} has sha256 {got}, expected {sha256}: the mirror "
+                             f"served a wrong or damaged file; try again later or place it at {path}")
+    atomic_write(path, fetch)
+
+
+def read_idx(path, expect_magic):
+    """One IDX .gz file -> uint8 array; magic number and sizes checked against the payload."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise SystemExit(f"{path} is missing: run `apt-get install dataset-fashion-mnist` or "
+                         f"let data.py download it") from None
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise SystemExit(f"{path} is truncated or not a gzip file ({e}): delete it and fetch "
+                         f"it again") from None
+    if len(raw) < 4 or struct.unpack(">I", raw[:4])[0] != expect_magic:
+        got = struct.unpack(">I", raw[:4])[0] if len(raw) >= 4 else None
+        raise SystemExit(f"{path} has magic number {got}, expected {expect_magic}: it is not an "
+                         f"IDX {'image' if expect_magic == 2051 else 'label'} file; replace it "
+                         f"with the official one")
+    ndim = expect_magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise SystemExit(f"{path} is truncated inside its header: delete it and fetch it again")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    if len(raw) - header != int(np.prod(dims)):
+        raise SystemExit(f"{path} holds {len(raw) - header} bytes of data but its header says "
+                         f"{dims}: the file is truncated or corrupt; delete it and fetch it again")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+
+
+def find_fashion_mnist(data_dir="data"):
+    """The folder holding the four files: data_dir, else the Debian package's, else download."""
+    for d in (Path(data_dir), Path(SYSTEM_DIR)):
+        if all((d / name).exists() for name in FASHION_MNIST_FILES):
+            return d
+    print(f"Fashion-MNIST is not in {data_dir}/ nor {SYSTEM_DIR}: downloading it to {data_dir}/ "
+          f"(offline: apt-get install dataset-fashion-mnist)")
+    for name, sha in FASHION_MNIST_FILES.items():
+        if not (Path(data_dir) / name).exists():
+            download(FASHION_MNIST_URL + name, Path(data_dir) / name, sha)
+    return Path(data_dir)
+
+
+def load_fashion_mnist(split="train", data_dir="data"):
+    """-> images uint8 (N, 28, 28, 1), labels int64 (N,)."""
+    if split not in ("train", "test"):
+        raise SystemExit(f"unknown split {split!r}: use 'train' or 'test'")
+    d = find_fashion_mnist(data_dir)
+    prefix = "train" if split == "train" else "t10k"
+    images = read_idx(d / f"{prefix}-images-idx3-ubyte.gz", 2051)
+    labels = read_idx(d / f"{prefix}-labels-idx1-ubyte.gz", 2049)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise SystemExit(f"{d}/{prefix}-*: {images.shape} images but {labels.shape} labels: the "
+                         f"files come from different sets; fetch both again")
+    if labels.size and labels.max() >= len(CLASSES):
+        raise SystemExit(f"{d}/{prefix}-labels-idx1-ubyte.gz has label {labels.max()}, Fashion-MNIST "
+                         f"has {len(CLASSES)} classes: replace it with the official file")
+    return images[..., None].copy(), labels.astype(np.int64)
+
+
+def image_folder_files(root):
+    """A folder with one subfolder per class -> (paths, labels int64, class names)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SystemExit(f"image folder {root} does not exist: pass a folder with one subfolder "
+                         f"of images per class")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise SystemExit(f"image folder {root} has no class subfolders: put each class's images "
+                         f"in a subfolder named after the class")
+    paths, labels = [], []
+    for i, c in enumerate(classes):
+        files = sorted(p for p in (root / c).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise SystemExit(f"class folder {root / c} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}): "
+                             f"add images or remove the folder")
+        paths += files
+        labels += [i] * len(files)
+    return paths, np.array(labels, np.int64), classes
+
+
+def load_image(path, size, channels=3):
+    """One image file -> uint8 (size, size, channels): centre crop to a square, then resize."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            w, h = im.size
+            s = min(w, h)
+            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+            im = im.resize((size, size), Image.BICUBIC)
+            a = np.asarray(im, np.uint8)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{path} is not a readable image ({e}): delete or replace it") from None
+    return a.reshape(size, size, channels)
+
+
+def load_image_folder(root, size, channels=3):
+    """-> images uint8 (N, size, size, channels), labels int64 (N,), class names."""
+    paths, labels, classes = image_folder_files(root)
+    images = np.stack([load_image(p, size, channels) for p in tqdm(paths, desc=f"reading {root}")])
+    return images, labels, classes
+
+
+def save_grid(images, path, pad=2):
+    """uint8 (rows, cols, H, W, C) -> one PNG, written atomically."""
+    images = np.asarray(images)
+    R, C, H, W, ch = images.shape
+    grid = np.full((R * (H + pad) + pad, C * (W + pad) + pad, ch), 255, np.uint8)
+    for r in range(R):
+        for c in range(C):
+            y, x = pad + r * (H + pad), pad + c * (W + pad)
+            grid[y:y + H, x:x + W] = images[r, c]
+    im = Image.fromarray(grid[..., 0] if ch == 1 else grid)
+    atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
+
+
+def token_cache(prefix, images, labels, encode, tokenizer_fingerprint, batch_size=500):
+    """Codes of a split, encoded once: <prefix>.codes.npy (N, h, w), <prefix>.labels.npy, and
+    <prefix>.json with the fingerprints. Returns (codes, labels, fingerprint of the images); reuses a matching cache and
+    refuses one built by another tokenizer or from other images."""
+    prefix = Path(prefix)
+    meta_path = prefix.with_suffix(".json")
+    data_fp = fingerprint(images, labels)
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta["tokenizer"] != tokenizer_fingerprint:
+            raise SystemExit(f"token cache {meta_path} was built by tokenizer {meta['tokenizer']}, "
+                             f"not by this one ({tokenizer_fingerprint}): delete {prefix}.* to "
+                             f"rebuild it, or pass the tokenizer it was built with")
+        if meta["data"] != data_fp:
+            raise SystemExit(f"token cache {meta_path} was built from other images (data "
+                             f"{meta['data']}, now {data_fp}): delete {prefix}.* to rebuild it")
+        return np.load(f"{prefix}.codes.npy", mmap_mode="r"), np.load(f"{prefix}.labels.npy"), data_fp
+    codes = np.concatenate([encode(images[i:i + batch_size]) for i in
+                            tqdm(range(0, len(images), batch_size), desc=f"encoding {prefix.name}")])
+    codes = codes.astype(np.int16 if codes.max() < 2 ** 15 else np.int32)
+    atomic_write(f"{prefix}.codes.npy", lambda tmp: np.save(tmp, codes))
+    atomic_write(f"{prefix}.labels.npy", lambda tmp: np.save(tmp, labels))
+    # the .json goes last: it marks the cache complete
+    meta = {"tokenizer": tokenizer_fingerprint, "data": data_fp, "shape": list(codes.shape)}
+    atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+    return codes, labels, data_fp
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default="data", help="where Fashion-MNIST's .gz files are looked for "
+                   "first and downloaded to (default: data)")
+    p.add_argument("--folder", help="instead, read a folder of images with one subfolder per class")
+    p.add_argument("--image-size", type=int, default=64, help="with --folder: side in pixels after "
+                   "centre crop and resize (default: 64)")
+    args = p.parse_args()
+    if args.folder:
+        images, labels, classes = load_image_folder(args.folder, args.image_size)
+        print(f"{args.folder}: {images.shape} uint8, {len(classes)} classes")
+        return
+    print(f"Fashion-MNIST found in {find_fashion_mnist(args.data_dir)}")
+    for split in ("train", "test"):
+        images, labels = load_fashion_mnist(split, args.data_dir)
+        print(f"{split}: images {images.shape} {images.dtype}, labels {labels.shape}, "
+              f"per class {np.bincount(labels).tolist()}")
+
+
+if __name__ == "__main__":
+    main()
