@@ -325,7 +325,7 @@ def train(model, images, steps, batch_size=128, lr=2e-3, seed=0, reseed_every=10
     return model.eval()
 
 
-def build(path, data_dir="data", steps=1500, batch_size=128, lr=2e-3, codebook_size=256, seed=0):
+def build(path, data_dir="data", steps=1200, batch_size=128, lr=2e-3, codebook_size=256, seed=0):
     """Trains the default tokenizer on Fashion-MNIST, saves it to `path` with its test figures and
     writes <path>_recon.png (originals above reconstructions)."""
     torch.manual_seed(seed)
@@ -359,7 +359,7 @@ def main():
     p.add_argument("--data-dir", default="data", help="Fashion-MNIST folder (default: data, then the "
                    "Debian package's, then download)")
     p.add_argument("--out", default="out/tokenizer.pt", help="checkpoint path (default: out/tokenizer.pt)")
-    p.add_argument("--steps", type=int, default=1500, help="training steps (default: 1500, ~2.5 min "
+    p.add_argument("--steps", type=int, default=1200, help="training steps (default: 1200, ~2.5 min "
                    "on 2 CPU cores)")
     p.add_argument("--batch-size", type=int, default=128, help="images per step (default: 128)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate (default: 2e-3)")

@@ -1,0 +1,312 @@
+"""
+The GPT: a Llama-style class-conditional transformer over VQ codes, with a KV cache.
+
+Module and parameter names are LlamaGen's (autoregressive/models/gpt.py), so its class-to-image
+checkpoints (c2i_B_256.pt, c2i_L_256.pt, ...) load with strict=True:
+
+    model = load_checkpoint("c2i_B_256.pt", preset="B")   # LlamaGen file: no config inside
+    model = load_checkpoint("out/teacher.pt")             # ours: the config is inside
+
+The sequence is [class token, code 0, ..., code T-2]; logits[:, t] predicts code t. Decoding
+follows gpt-fast: setup_cache(), prefill() the class (and any known codes), then decode().
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256  # codebook size
+    num_classes: int = 10  # the embedding table has one more row: the null class for CFG
+    n_layer: int = 6
+    n_head: int = 6
+    dim: int = 192
+    grid_size: int = 7  # codes per side of the image; T = grid_size**2 codes
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0  # attention, residual (after wo) and FFN (after w2) dropout
+    token_dropout: float = 0.0  # on the embedded input sequence
+    class_dropout: float = 0.1  # labels replaced by the null class in training, for CFG
+
+    @property
+    def block_size(self):
+        return self.grid_size**2
+
+
+# Shapes only; vocab_size, num_classes and grid_size come from the data (or the checkpoint).
+PRESETS = {
+    # LlamaGen's class-conditional models
+    "B": dict(n_layer=12, n_head=12, dim=768, multiple_of=256),
+    "L": dict(n_layer=24, n_head=16, dim=1024, multiple_of=256),
+    "XL": dict(n_layer=36, n_head=20, dim=1280, multiple_of=256),
+    "XXL": dict(n_layer=48, n_head=24, dim=1536, multiple_of=256),
+    # the embedded default (Fashion-MNIST on a CPU): ~2.8M and ~0.38M params at 256 codes, 10 classes
+    "teacher": dict(n_layer=6, n_head=6, dim=192, multiple_of=32),
+    "student": dict(n_layer=3, n_head=3, dim=96, multiple_of=32),
+    "tiny": dict(n_layer=2, n_head=2, dim=32, multiple_of=32),  # for tests
+}
+
+
+def find_multiple(n, k):
+    return n if n % k == 0 else n + k - n % k
+
+
+def precompute_freqs_cis_2d(grid_size, head_dim, base):
+    """LlamaGen's 2D RoPE table, (1 + grid_size**2, head_dim // 2, 2) holding (cos, sin).
+
+    The first half of the rotated pairs turns with the row index, the second half with the
+    column index. Row 0 (the class token) is all zeros, which zeroes the class token's q and k:
+    odd, but LlamaGen's checkpoints were trained with it.
+    """
+    half = head_dim // 2
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))  # (head_dim // 4,)
+    angles = torch.outer(torch.arange(grid_size).float(), freqs)  # (grid, head_dim // 4)
+    grid = torch.cat(
+        [angles[:, None, :].expand(-1, grid_size, -1),  # by row
+         angles[None, :, :].expand(grid_size, -1, -1)],  # by column
+        dim=-1,
+    )  # (grid, grid, head_dim // 2)
+    table = torch.stack([grid.cos(), grid.sin()], dim=-1).flatten(0, 1)  # (grid**2, head_dim // 2, 2)
+    return torch.cat([torch.zeros(1, half, 2), table])
+
+
+def apply_rotary_emb(x, freqs_cis):
+    # x (B, S, H, head_dim), freqs_cis (S, head_dim // 2, 2); rotates adjacent pairs, in fp32
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, S, H, head_dim // 2, 2)
+    cos, sin = freqs_cis[None, :, None, :, 0], freqs_cis[None, :, None, :, 1]
+    a, b = pairs[..., 0], pairs[..., 1]
+    return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(3).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # in fp32 whatever the input dtype, as LlamaGen
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class KVCache(nn.Module):
+    """Keys and values of every sequence position written so far, for one layer (gpt-fast)."""
+
+    def __init__(self, batch_size, n_head, seq_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_head, seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start, k, v):
+        # k, v (B, H, S, head_dim) for positions start..start+S-1; a batch smaller than the cache's is fine
+        B, S = k.shape[0], k.shape[2]
+        self.k_cache[:B, :, start : start + S] = k
+        self.v_cache[:B, :, start : start + S] = v
+        return self.k_cache[:B], self.v_cache[:B]  # (B, H, 1 + T, head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.dim // config.n_head
+        self.wqkv = nn.Linear(config.dim, 3 * config.dim, bias=False)  # [q | k | v], LlamaGen's fused layout
+        self.wo = nn.Linear(config.dim, config.dim, bias=False)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.kv_cache = None  # a KVCache while decoding, see GPT.setup_cache
+
+    def forward(self, x, freqs_cis, start=None, mask=None):
+        # x (B, S, C) at positions start..start+S-1; start None = the whole sequence from 0, no cache
+        B, S, C = x.shape
+        q, k, v = self.wqkv(x).view(B, S, 3, self.n_head, self.head_dim).unbind(2)  # each (B, S, H, hd)
+        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, hd)
+        dropout_p = self.dropout if self.training else 0.0
+        if start is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        else:
+            k, v = self.kv_cache.update(start, k, v)  # (B, H, 1 + T, hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, S, C)))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        hidden = int(2 * 4 * config.dim / 3)  # SwiGLU keeps the params of a 4x MLP (Llama)
+        if config.ffn_dim_multiplier is not None:
+            hidden = int(config.ffn_dim_multiplier * hidden)
+        hidden = find_multiple(hidden, config.multiple_of)
+        self.w1 = nn.Linear(config.dim, hidden, bias=False)
+        self.w3 = nn.Linear(config.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, config.dim, bias=False)
+        self.ffn_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x, freqs_cis, start=None, mask=None):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, start, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        # LlamaGen's LabelEmbedder holds its table as .embedding_table; the last row is the null class
+        table = nn.Embedding(config.num_classes + 1, config.dim)
+        self.cls_embedding = nn.ModuleDict({"embedding_table": table})
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.token_dropout = nn.Dropout(config.token_dropout)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        # not saved: LlamaGen files carry their own copy, which load_checkpoint drops.
+        # Under .to(bfloat16) this table is cast too; use autocast for bf16 to keep it fp32.
+        head_dim = config.dim // config.n_head
+        assert head_dim % 4 == 0, "2D RoPE splits each head in two halves of rotated pairs"
+        freqs_cis = precompute_freqs_cis_2d(config.grid_size, head_dim, config.rope_base)
+        self.register_buffer("freqs_cis", freqs_cis, persistent=False)  # (1 + T, head_dim // 2, 2)
+
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(self.output.weight)  # LlamaGen starts from uniform predictions
+
+    def _transformer(self, h, start=None):
+        # h (B, S, C): embedded sequence positions start..start+S-1 (start None: 0.., no cache)
+        S = h.shape[1]
+        h = self.token_dropout(h)
+        if start is None:
+            freqs_cis, mask = self.freqs_cis[:S], None
+        else:
+            if self.layers[0].attention.kv_cache is None:
+                raise RuntimeError("prefill/decode need a KV cache: call model.setup_cache(batch_size) first")
+            freqs_cis = self.freqs_cis[start : start + S]
+            # every cache slot is attended to, masked by position: slots beyond the query (stale
+            # entries after a speculative rollback, or never written) are invisible
+            key_pos = torch.arange(self.freqs_cis.shape[0], device=h.device)
+            query_pos = torch.arange(start, start + S, device=h.device)
+            mask = key_pos[None, :] <= query_pos[:, None]  # (S, 1 + T)
+        for layer in self.layers:
+            h = layer(h, freqs_cis, start, mask)
+        return self.output(self.norm(h)).float()  # (B, S, V)
+
+    def _embed(self, labels, codes):
+        # labels (B,), codes (B, k) -> (B, 1 + k, C): the class token then the codes
+        cls = self.cls_embedding["embedding_table"](labels)[:, None]
+        return torch.cat([cls, self.tok_embeddings(codes)], dim=1)
+
+    def forward(self, codes, labels):
+        """codes (B, T) long, labels (B,) long -> logits (B, T, V); logits[:, t] predicts codes[:, t]."""
+        if self.training and self.config.class_dropout > 0:
+            dropped = torch.rand(labels.shape, device=labels.device) < self.config.class_dropout
+            labels = torch.where(dropped, self.config.num_classes, labels)
+        return self._transformer(self._embed(labels, codes[:, :-1]))
+
+    def setup_cache(self, batch_size, dtype=None):
+        """Installs an empty KV cache for up to batch_size sequences (again to resize it)."""
+        c, weight = self.config, self.output.weight
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch_size, c.n_head, 1 + c.block_size, c.dim // c.n_head,
+                                               dtype or weight.dtype, weight.device)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    def prefill(self, labels, codes):
+        """labels (B,), codes (B, k), k >= 0 -> logits (B, k + 1, V); logits[:, i] predicts code i.
+
+        Writes sequence positions 0..k (class token, then the codes) into the cache.
+        """
+        return self._transformer(self._embed(labels, codes), start=0)
+
+    def decode(self, codes, start):
+        """codes (B, L) are codes start..start+L-1 -> logits (B, L, V); logits[:, i] predicts code start+i+1.
+
+        Writes sequence positions start+1..start+L (position 0 is the class token).
+        """
+        return self._transformer(self.tok_embeddings(codes), start=start + 1)
+
+
+def load_checkpoint(path, preset=None, grid_size=None):
+    """A GPT in eval mode on the CPU, from one of our checkpoints or a LlamaGen c2i one.
+
+    Ours hold {"model": state_dict, "config": GPTConfig fields, ...}. LlamaGen's hold {"model":
+    state_dict} (a bare state dict is accepted too) and need `preset`; their vocabulary and class
+    count are read from the embedding shapes and grid_size defaults to 16 (256 px, 16x downsampling).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"no checkpoint at {path}: check the path, or train one first")
+    if preset is not None and preset not in PRESETS:
+        raise SystemExit(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"{path} is not a readable checkpoint ({e}): pass one saved by torch.save") from None
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise SystemExit(f"{path} holds no state dict: pass a GPT checkpoint")
+    # LlamaGen's files may carry the RoPE table and cache buffers; they are rebuilt here, not loaded
+    dropped = ("freqs_cis", "kv_cache", "causal_mask")
+    state = {k: v for k, v in state.items() if not any(s in k for s in dropped)}
+
+    if "config" in ckpt:
+        config = GPTConfig(**ckpt["config"])
+        if preset is not None:
+            differs = [f"{k} {getattr(config, k)} (preset: {v})"
+                       for k, v in PRESETS[preset].items() if getattr(config, k) != v]
+            if differs:
+                raise SystemExit(f"checkpoint {path} is not preset {preset}: {', '.join(differs)}; "
+                                 f"drop the preset, the checkpoint's own config is used")
+        if grid_size is not None and grid_size != config.grid_size:
+            raise SystemExit(f"checkpoint {path} was trained on a {config.grid_size}x{config.grid_size} "
+                             f"grid, not {grid_size}: drop the grid size")
+    else:
+        if preset is None:
+            raise SystemExit(f"checkpoint {path} has no config (a LlamaGen file?): pass the preset it "
+                             f"was trained with, one of {', '.join(PRESETS)}")
+        if "tok_embeddings.weight" not in state or "cls_embedding.embedding_table.weight" not in state:
+            raise SystemExit(f"checkpoint {path} has no tok_embeddings or cls_embedding weights: pass "
+                             f"a class-conditional GPT checkpoint (LlamaGen c2i or ours)")
+        config = GPTConfig(
+            **PRESETS[preset],
+            vocab_size=state["tok_embeddings.weight"].shape[0],
+            num_classes=state["cls_embedding.embedding_table.weight"].shape[0] - 1,
+            grid_size=grid_size or 16,
+        )
+
+    model = GPT(config)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+                   for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
+        raise SystemExit(
+            f"checkpoint {path} does not fit {'preset ' + preset if preset else 'its config'}: "
+            f"missing keys {missing[:4]}, unexpected keys {unexpected[:4]}, wrong shapes {wrong_shape[:4]}; "
+            f"pass the preset it was trained with"
+        )
+    model.load_state_dict(state, strict=True)
+    return model.eval()

@@ -1,0 +1,534 @@
+"""Every test of the project: fast, CPU, no network except a local HTTP server on 127.0.0.1.
+
+    python -m pytest -q test_all.py
+
+Tests that train on Fashion-MNIST need the data (apt-get install dataset-fashion-mnist).
+"""
+import ast
+import functools
+import gzip
+import hashlib
+import http.server
+import struct
+import threading
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import distill
+import tokenizer as tok
+from model import GPT, PRESETS, GPTConfig, load_checkpoint
+from sample import filtered_probs, generate, sample_logits
+
+FORMATS = Path(__file__).resolve().parent.parent / "shared" / "formats"
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def idx_bytes(array, magic):
+    header = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape)
+    return gzip.compress(header + array.astype(np.uint8).tobytes())
+
+
+def make_fashion_mnist(folder, n_train=20, n_test=10, seed=0):
+    """The four IDX .gz files of a tiny fake Fashion-MNIST; returns {name: sha256}."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    shas = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        for kind, magic, array in (("images-idx3", 2051, rng.integers(0, 256, (n, 28, 28))),
+                                   ("labels-idx1", 2049, rng.integers(0, 10, n))):
+            name = f"{prefix}-{kind}-ubyte.gz"
+            raw = idx_bytes(array, magic)
+            (folder / name).write_bytes(raw)
+            shas[name] = hashlib.sha256(raw).hexdigest()
+    return shas
+
+
+def test_fashion_mnist_loads_from_data_dir_with_shapes_and_dtypes(tmp_path):
+    make_fashion_mnist(tmp_path, n_train=20, n_test=10)
+    images, labels = data.load_fashion_mnist("train", tmp_path)
+    assert images.shape == (20, 28, 28, 1) and images.dtype == np.uint8
+    assert labels.shape == (20,) and labels.dtype == np.int64
+    assert data.load_fashion_mnist("test", tmp_path)[0].shape == (10, 28, 28, 1)
+
+
+def test_missing_idx_file_is_named_with_the_fix(tmp_path):
+    with pytest.raises(SystemExit, match="missing.*apt-get install dataset-fashion-mnist"):
+        data.read_idx(tmp_path / "train-images-idx3-ubyte.gz", 2051)
+
+
+def test_truncated_gzip_is_refused(tmp_path):
+    raw = idx_bytes(np.zeros((5, 28, 28)), 2051)
+    (tmp_path / "x.gz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(SystemExit, match="x.gz is truncated or not a gzip file"):
+        data.read_idx(tmp_path / "x.gz", 2051)
+
+
+def test_corrupt_file_that_is_not_gzip_is_refused(tmp_path):
+    (tmp_path / "x.gz").write_bytes(b"this is not gzip at all")
+    with pytest.raises(SystemExit, match="x.gz is truncated or not a gzip file"):
+        data.read_idx(tmp_path / "x.gz", 2051)
+
+
+def test_wrong_magic_number_is_refused(tmp_path):
+    (tmp_path / "x.gz").write_bytes(idx_bytes(np.zeros(5), 2049))  # a label file
+    with pytest.raises(SystemExit, match="magic number 2049, expected 2051"):
+        data.read_idx(tmp_path / "x.gz", 2051)
+
+
+def test_payload_shorter_than_header_says_is_refused(tmp_path):
+    header = struct.pack(">IIII", 2051, 5, 28, 28)
+    (tmp_path / "x.gz").write_bytes(gzip.compress(header + bytes(28 * 28 * 4)))  # 4 images, not 5
+    with pytest.raises(SystemExit, match="header says"):
+        data.read_idx(tmp_path / "x.gz", 2051)
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """Serves tmp_path/served on 127.0.0.1; yields (folder, base url)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_writes_the_file_when_its_checksum_matches(http_server, tmp_path):
+    served, url = http_server
+    (served / "f.bin").write_bytes(b"good bytes" * 1000)
+    dest = tmp_path / "dl" / "f.bin"
+    data.download(url + "f.bin", dest, hashlib.sha256(b"good bytes" * 1000).hexdigest())
+    assert dest.read_bytes() == b"good bytes" * 1000
+    assert list(dest.parent.iterdir()) == [dest]  # no temp file left
+
+
+def test_download_with_wrong_checksum_is_refused_and_leaves_nothing(http_server, tmp_path):
+    served, url = http_server
+    (served / "f.bin").write_bytes(b"tampered")
+    dest = tmp_path / "dl" / "f.bin"
+    with pytest.raises(SystemExit, match="sha256"):
+        data.download(url + "f.bin", dest, hashlib.sha256(b"expected").hexdigest())
+    assert not dest.parent.exists() or list(dest.parent.iterdir()) == []
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(b"already here")  # a failed download overwrites nothing
+    with pytest.raises(SystemExit, match="sha256"):
+        data.download(url + "f.bin", dest, hashlib.sha256(b"expected").hexdigest())
+    assert dest.read_bytes() == b"already here" and list(dest.parent.iterdir()) == [dest]
+
+
+def test_fashion_mnist_is_downloaded_when_nowhere_on_disk(http_server, tmp_path, monkeypatch):
+    served, url = http_server
+    shas = make_fashion_mnist(served, n_train=12, n_test=6)
+    monkeypatch.setattr(data, "FASHION_MNIST_URL", url)
+    monkeypatch.setattr(data, "FASHION_MNIST_FILES", shas)
+    monkeypatch.setattr(data, "SYSTEM_DIR", str(tmp_path / "no-system-copy"))
+    images, labels = data.load_fashion_mnist("train", tmp_path / "data")
+    assert images.shape == (12, 28, 28, 1) and sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(shas)
+    stored_images, _ = data.load_fashion_mnist("train", served)
+    assert np.array_equal(images, stored_images)
+
+
+def make_image_folder(root, sizes):
+    for c, size_list in sizes.items():
+        (root / c).mkdir(parents=True)
+        for i, (w, h) in enumerate(size_list):
+            Image.fromarray(np.full((h, w, 3), 40 * i, np.uint8)).save(root / c / f"{i}.png")
+
+
+def test_image_folder_gives_centre_cropped_resized_uint8_and_sorted_labels(tmp_path):
+    make_image_folder(tmp_path, {"zebra": [(50, 30)], "apple": [(30, 40), (64, 64)]})
+    images, labels, classes = data.load_image_folder(tmp_path, 16)
+    assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
+    assert classes == ["apple", "zebra"] and labels.tolist() == [0, 0, 1]
+    # centre crop keeps the middle: a wide image with a red centre column block stays red inside
+    im = np.zeros((20, 60, 3), np.uint8)
+    im[:, 20:40, 0] = 255
+    Image.fromarray(im).save(tmp_path / "zebra" / "wide.png")
+    assert data.load_image(tmp_path / "zebra" / "wide.png", 8)[..., 0].min() > 200
+
+
+def test_image_folder_errors_name_the_folder(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        data.image_folder_files(tmp_path / "nope")
+    with pytest.raises(SystemExit, match="no class subfolders"):
+        data.image_folder_files(tmp_path)
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "notes.txt").write_text("no images here")
+    with pytest.raises(SystemExit, match="cats has no images"):
+        data.image_folder_files(tmp_path)
+    (tmp_path / "cats" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match="broken.png is not a readable image"):
+        data.load_image_folder(tmp_path, 8)
+
+
+def test_token_cache_is_built_once_then_reused_and_refuses_another_tokenizer(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (30, 28, 28, 1), dtype=np.uint8)
+    labels = np.arange(30) % 10
+    calls = []
+
+    def encode(x):
+        calls.append(len(x))
+        return x[:, ::4, ::4, 0].astype(np.int64)  # (N, 7, 7)
+
+    codes, got_labels, fp = data.token_cache(tmp_path / "train", images, labels, encode, "tokA", batch_size=8)
+    assert codes.shape == (30, 7, 7) and sum(calls) == 30 and fp == data.fingerprint(images, labels)
+    again, _, _ = data.token_cache(tmp_path / "train", images, labels, encode, "tokA")
+    assert sum(calls) == 30 and np.array_equal(again, codes)  # reused, not re-encoded
+    with pytest.raises(SystemExit, match="built by tokenizer tokA, not by this one"):
+        data.token_cache(tmp_path / "train", images, labels, encode, "tokB")
+    with pytest.raises(SystemExit, match="built from other images"):
+        data.token_cache(tmp_path / "train", images[::-1].copy(), labels, encode, "tokA")
+
+
+# ------------------------------------------------------------------------------------ tokenizer
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer():
+    """A default-architecture tokenizer after 60 steps on real Fashion-MNIST."""
+    images, _ = data.load_fashion_mnist("train")
+    torch.manual_seed(0)
+    model = tok.VQModel(tok.VQConfig())
+    tok.train(model, images[:5000], steps=60, batch_size=64, reseed_every=20)
+    model.fingerprint = tok.weights_fingerprint(model)
+    return model
+
+
+def test_tokenizer_encode_decode_shapes_and_dtypes(small_tokenizer):
+    images, _ = data.load_fashion_mnist("test")
+    codes = small_tokenizer.encode(images[:5])
+    assert codes.shape == (5, 7, 7) and codes.dtype == torch.long
+    assert int(codes.min()) >= 0 and int(codes.max()) < 256
+    out = small_tokenizer.decode(codes)
+    assert out.shape == (5, 28, 28, 1) and out.dtype == torch.uint8
+    assert torch.equal(small_tokenizer.decode(codes.flatten(1)), out)  # (B, T) works too
+
+
+def test_tokenizer_round_trip_reconstructs_and_re_encodes_to_the_same_codes(small_tokenizer):
+    images, _ = data.load_fashion_mnist("test")
+    x = images[:200]
+    codes = small_tokenizer.encode(x)
+    recon = small_tokenizer.decode(codes)
+    err = (recon.float() - torch.as_tensor(x).float()).abs().mean().item()
+    blank = (torch.as_tensor(x).float() - float(x.mean())).abs().mean().item()
+    assert err < 0.6 * blank  # far better than predicting the mean image
+    same = (small_tokenizer.encode(recon) == codes).float().mean().item()
+    assert same > 0.4  # chance is 1/256; a 60-step tokenizer re-encodes about half the codes
+
+
+def test_tokenizer_refuses_images_of_the_wrong_size(small_tokenizer):
+    with pytest.raises(SystemExit, match=r"uint8 images \(N, 28, 28, 1\), got \(2, 32, 32, 1\)"):
+        small_tokenizer.encode(np.zeros((2, 32, 32, 1), np.uint8))
+
+
+def test_tokenizer_save_load_keeps_codes_fingerprint_and_groups(small_tokenizer, tmp_path):
+    groups = small_tokenizer.codebook_groups(64)
+    tok.save_tokenizer(small_tokenizer, tmp_path / "t.pt")
+    loaded = tok.load_tokenizer(tmp_path / "t.pt")
+    images, _ = data.load_fashion_mnist("test")
+    assert torch.equal(loaded.encode(images[:20]), small_tokenizer.encode(images[:20]))
+    assert loaded.fingerprint == small_tokenizer.fingerprint
+    assert torch.equal(loaded.groups[64], groups)
+    with torch.no_grad():
+        loaded.decoder[0].bias.add_(1.0)
+    assert tok.weights_fingerprint(loaded) != small_tokenizer.fingerprint
+
+
+def test_codebook_groups_partition_the_codebook_into_similar_codes(small_tokenizer):
+    groups = small_tokenizer.codebook_groups(64)
+    assert groups.shape == (256,) and groups.dtype == torch.long
+    assert set(groups.tolist()) == set(range(int(groups.max()) + 1))  # every id used, none skipped
+    assert int(groups.max()) + 1 >= 60  # k-means rarely leaves a cluster empty
+    cb = small_tokenizer.codebook().detach()
+    sim = cb @ cb.t()
+    same = groups[:, None] == groups[None, :]
+    off_diag = ~torch.eye(256, dtype=torch.bool)
+    assert sim[same & off_diag].mean() > sim[off_diag].mean() + 0.2  # groups hold near-duplicates
+
+
+def test_vq16_state_dict_with_llamagen_keys_loads_strictly(tmp_path):
+    rows = [line.rstrip("\n").split("\t") for line in open(FORMATS / "llamagen_vq16_keys.tsv")
+            if not line.startswith("#")]
+    sd = {k: torch.randn(eval(shape) if shape != "()" else ()) for k, shape, _ in rows}
+    assert sum(v.numel() for k, v in sd.items() if k != "quantize.codebook_used") == 71_883_403
+    torch.save({"model": sd}, tmp_path / "vq_ds16_c2i.pt")
+    model = tok.load_tokenizer(tmp_path / "vq_ds16_c2i.pt")
+    assert model.cfg.grid_size == 16 and model.cfg.codebook_size == 16384
+    assert torch.equal(model.state_dict()["encoder.conv_in.weight"], sd["encoder.conv_in.weight"])
+    del sd["quant_conv.bias"]
+    sd["extra.weight"] = torch.zeros(1)
+    torch.save({"model": sd}, tmp_path / "bad.pt")
+    with pytest.raises(SystemExit, match=r"missing keys \['quant_conv.bias'\], unexpected keys \['extra.weight'\]"):
+        tok.load_tokenizer(tmp_path / "bad.pt")
+
+
+# -------------------------------------------------------------------------- model and sampling
+
+
+def tiny_model(seed=0, **overrides):
+    """The tiny preset in eval mode, with a random output head (the zero-init one predicts uniform
+    logits everywhere, which would make every comparison pass)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**PRESETS["tiny"], vocab_size=64, num_classes=5, grid_size=4, **overrides))
+    torch.nn.init.normal_(model.output.weight, std=0.5)
+    return model.eval()
+
+
+def random_batch(model, B=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(model.config.vocab_size, (B, model.config.block_size), generator=g)
+    labels = torch.randint(model.config.num_classes, (B,), generator=g)
+    return codes, labels
+
+
+@torch.no_grad()
+def test_kv_cache_decoding_matches_full_forward():
+    model = tiny_model()
+    codes, labels = random_batch(model)
+    T, prefix_len = codes.shape[1], 5
+    full = model(codes, labels)  # (B, T, V)
+    model.setup_cache(len(labels))
+    cached = [model.prefill(labels, codes[:, :prefix_len])]  # predicts codes 0..prefix_len
+    for t in range(prefix_len, T - 1):
+        cached.append(model.decode(codes[:, t : t + 1], t))
+    cached = torch.cat(cached, dim=1)
+    assert full.abs().max() > 0.1
+    assert (cached - full).abs().max() < 1e-5
+    assert (model.prefill(labels, codes[:, :-1]) - full).abs().max() < 1e-5
+    assert (model.prefill(labels, codes[:, :0]) - full[:, :1]).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_forward_on_a_prefix_matches_full_forward():
+    model = tiny_model()
+    codes, labels = random_batch(model)
+    assert (model(codes[:, :6], labels) - model(codes, labels)[:, :6]).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_multi_code_decode_matches_one_at_a_time():
+    model = tiny_model()
+    codes, labels = random_batch(model)
+    model.setup_cache(len(labels))
+    model.prefill(labels, codes[:, :3])
+    one_by_one = torch.cat([model.decode(codes[:, t : t + 1], t) for t in range(3, 9)], dim=1)
+    # write garbage further on first: a rollback leaves stale entries that must stay invisible
+    model.decode(torch.zeros_like(codes[:, 9:14]), 9)
+    model.prefill(labels, codes[:, :3])
+    at_once = model.decode(codes[:, 3:9], 3)  # (B, 6, V)
+    assert (at_once - one_by_one).abs().max() < 1e-5
+
+
+def test_generate_with_kv_cache_matches_reference_path():
+    model = tiny_model()
+    labels = torch.tensor([0, 1, 4, 4])
+    for cfg_scale in (1.0, 3.0):
+        cached = generate(model, labels, cfg_scale, generator=torch.Generator().manual_seed(0))
+        reference = generate(model, labels, cfg_scale, generator=torch.Generator().manual_seed(0),
+                             kv_cache=False)
+        assert cached.shape == (4, model.config.block_size)
+        assert torch.equal(cached, reference)
+    assert not model.training and model.layers[0].attention.kv_cache is None
+
+
+def test_generate_restores_training_mode():
+    model = tiny_model().train()
+    generate(model, torch.tensor([0]))
+    assert model.training
+
+
+def test_cfg_scale_one_matches_plain_conditional_sampling():
+    model = tiny_model()
+    labels = torch.tensor([0, 2, 3])
+    filters = dict(top_k=20, top_p=0.9)
+    plain = generate(model, labels, 1.0, **filters, generator=torch.Generator().manual_seed(3))
+    guided = generate(model, labels, 1.0 + 1e-6, **filters, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(plain, guided)
+
+
+@torch.no_grad()
+def test_cfg_mixes_logits_as_uncond_plus_scale_times_difference():
+    model = tiny_model()
+    # make the class matter a lot, so guidance changes the greedy choice
+    torch.nn.init.normal_(model.cls_embedding["embedding_table"].weight, std=3.0)
+    labels, scale = torch.arange(5), 4.0
+    start = torch.zeros(5, 1, dtype=torch.long)  # forward on the class token alone: logits of code 0
+    cond = model(start, labels)[:, 0]  # (5, V)
+    uncond = model(start, torch.full_like(labels, 5))[:, 0]
+    expected = (uncond + scale * (cond - uncond)).argmax(-1)
+    assert not torch.equal(expected, cond.argmax(-1))  # guidance must matter for the test to mean anything
+    assert torch.equal(generate(model, labels, scale, temperature=0)[:, 0], expected)
+
+
+def test_label_dropout_rate_in_training_and_none_in_eval():
+    model = tiny_model(class_dropout=0.3)
+    seen = []
+    model.cls_embedding["embedding_table"].register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    codes = torch.zeros(20000, 2, dtype=torch.long)
+    labels = torch.randint(5, (20000,))
+    model.train()(codes, labels)
+    dropped = (seen[-1] == 5).float().mean().item()
+    assert abs(dropped - 0.3) < 0.02
+    assert torch.equal(seen[-1][seen[-1] != 5], labels[seen[-1] != 5])
+    model.eval()(codes, labels)
+    assert torch.equal(seen[-1], labels)
+
+
+def test_rope_class_row_is_zero_and_grid_rows_are_not():
+    model = tiny_model()
+    table = model.freqs_cis  # (1 + T, head_dim // 2, 2)
+    assert table.shape == (1 + model.config.block_size, 8, 2)
+    assert torch.all(table[0] == 0)
+    assert torch.all(table[1:].abs().sum((-1, -2)) > 0)
+    # LlamaGen's layout: the first half of the pairs turns with the row, the second with the column
+    grid, quarter = model.config.grid_size, 4  # head_dim 16
+    freqs = 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8)
+    row, col = 2, 3
+    angles = table[1 + row * grid + col]  # (head_dim // 2, 2) = (cos, sin)
+    assert torch.allclose(angles[:quarter, 0], torch.cos(row * freqs))
+    assert torch.allclose(angles[quarter:, 1], torch.sin(col * freqs))
+    assert "freqs_cis" not in model.state_dict()
+
+
+def test_llamagen_gpt_b_state_dict_loads_strictly_into_preset_b(tmp_path):
+    rows = [line.split("\t") for line in (FORMATS / "llamagen_gpt_b_c2i_keys.tsv").read_text().splitlines()
+            if line and not line.startswith("#")]
+    state = {key: torch.randn(ast.literal_eval(shape)) for key, shape, _ in rows}
+    assert sum(v.numel() for v in state.values()) == 110_888_448
+    torch.save({"model": dict(state, freqs_cis=torch.zeros(257, 32, 2))}, tmp_path / "c2i_B_256.pt")
+    model = load_checkpoint(tmp_path / "c2i_B_256.pt", preset="B")
+    c = model.config
+    assert (c.vocab_size, c.num_classes, c.grid_size, c.dim, c.n_layer) == (16384, 1000, 16, 768, 12)
+    assert torch.equal(model.layers[11].feed_forward.w2.weight, state["layers.11.feed_forward.w2.weight"])
+    assert not model.training
+
+
+def save_tiny(path, model, edit=None):
+    state = model.state_dict()
+    if edit:
+        edit(state)
+    torch.save({"model": state, "config": asdict(model.config), "step": 0}, path)
+
+
+def test_our_checkpoint_round_trips(tmp_path):
+    model = tiny_model()
+    save_tiny(tmp_path / "m.pt", model)
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    codes, labels = random_batch(model)
+    assert loaded.config == model.config
+    assert torch.equal(loaded(codes, labels), model(codes, labels))
+
+
+def test_unknown_and_missing_keys_are_refused_by_name(tmp_path):
+    model = tiny_model()
+    save_tiny(tmp_path / "extra.pt", model, lambda sd: sd.update({"layers.0.attention.bias": torch.zeros(3)}))
+    with pytest.raises(SystemExit, match="layers.0.attention.bias"):
+        load_checkpoint(tmp_path / "extra.pt")
+    save_tiny(tmp_path / "missing.pt", model, lambda sd: sd.pop("layers.1.ffn_norm.weight"))
+    with pytest.raises(SystemExit, match="layers.1.ffn_norm.weight"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_checkpoint_user_errors_are_one_sentence(tmp_path):
+    with pytest.raises(SystemExit, match="nowhere.pt"):
+        load_checkpoint(tmp_path / "nowhere.pt")
+    model = tiny_model()
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    with pytest.raises(SystemExit, match="preset"):
+        load_checkpoint(tmp_path / "bare.pt")
+    with pytest.raises(SystemExit, match="does not fit preset student"):  # shapes of another preset
+        load_checkpoint(tmp_path / "bare.pt", preset="student")
+    assert load_checkpoint(tmp_path / "bare.pt", preset="tiny", grid_size=4).config == model.config
+    save_tiny(tmp_path / "ours.pt", model)
+    with pytest.raises(SystemExit, match="not preset B"):
+        load_checkpoint(tmp_path / "ours.pt", preset="B")
+
+
+def test_llamagen_parameter_counts():
+    for preset, count in (("B", 110_888_448), ("L", 342_910_976)):
+        with torch.device("meta"):
+            model = GPT(GPTConfig(**PRESETS[preset], vocab_size=16384, num_classes=1000, grid_size=16))
+        assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_top_k_and_top_p_keep_the_right_codes():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).log_softmax(-1)  # probs ~ .64 .24 .09 .03 .01
+    assert torch.equal(filtered_probs(logits, top_k=2) > 0, torch.tensor([[True, True, False, False, False]]))
+    # the nucleus is the smallest head holding top_p: .64 < .8 <= .64 + .24
+    nucleus = filtered_probs(logits, top_p=0.8)
+    assert torch.equal(nucleus > 0, torch.tensor([[True, True, False, False, False]]))
+    assert torch.allclose(nucleus.sum(-1), torch.ones(1))
+    assert torch.equal(filtered_probs(logits, top_p=0.01) > 0, torch.tensor([[True, False, False, False, False]]))
+    assert torch.equal(sample_logits(logits.repeat(3, 1), temperature=0), torch.zeros(3, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------ training loop
+
+
+@pytest.fixture(scope="module")
+def trained_setup(tmp_path_factory, small_tokenizer):
+    """An out-dir holding the small tokenizer; the token cache is built on first use."""
+    out = tmp_path_factory.mktemp("out")
+    tok.save_tokenizer(small_tokenizer, out / "tokenizer.pt")
+    return out
+
+
+def run_distill(out, *extra):
+    return distill.main(["--out-dir", str(out), "--size", "tiny", "--batch-size", "16",
+                         "--eval-interval", "1000", "--eval-seqs", "50", *extra])
+
+
+def test_training_lowers_the_held_out_nll(trained_setup):
+    metrics = run_distill(trained_setup, "--max-iters", "40", "--lr", "3e-3", "--warmup", "5",
+                          "--out", str(trained_setup / "lower.pt"))
+    assert metrics["test_nll"] < np.log(256) - 0.5  # a zero-initialised head starts at log|V|
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(trained_setup):
+    common = ["--schedule", "constant", "--warmup", "2", "--ckpt-interval", "3"]
+    run_distill(trained_setup, *common, "--max-iters", "6", "--out", str(trained_setup / "full.pt"))
+    run_distill(trained_setup, *common, "--max-iters", "3", "--out", str(trained_setup / "part.pt"))
+    run_distill(trained_setup, *common, "--max-iters", "6", "--out", str(trained_setup / "part.pt"), "--resume")
+    full = torch.load(trained_setup / "full.pt", weights_only=True)
+    part = torch.load(trained_setup / "part.pt", weights_only=True)
+    assert part["step"] == full["step"] == 6
+    for k, v in full["model"].items():
+        assert torch.equal(v, part["model"][k]), k
+
+
+def test_existing_checkpoint_is_never_overwritten_without_resume(trained_setup):
+    path = trained_setup / "keep.pt"
+    path.write_bytes(b"precious")
+    with pytest.raises(SystemExit, match="exists: pass --resume"):
+        run_distill(trained_setup, "--max-iters", "2", "--out", str(path))
+    assert path.read_bytes() == b"precious"
+
+
+def test_resume_refuses_a_checkpoint_from_another_tokenizer(trained_setup, tmp_path):
+    run_distill(trained_setup, "--max-iters", "2", "--out", str(tmp_path / "a.pt"))
+    ckpt = torch.load(tmp_path / "a.pt", weights_only=True)
+    ckpt["fingerprints"]["tokenizer"] = "0123456789abcdef"
+    torch.save(ckpt, tmp_path / "a.pt")
+    with pytest.raises(SystemExit, match="was built from"):
+        run_distill(trained_setup, "--max-iters", "4", "--out", str(tmp_path / "a.pt"), "--resume")
+
+
+def test_batches_cover_each_epoch_once_and_depend_only_on_the_step():
+    n, b = 50, 16
+    seen = torch.cat([distill.batch_indices(s, n, b, seed=3) for s in range(25)])  # 400 = 8 epochs
+    for e in range(8):
+        assert sorted(seen[e * n:(e + 1) * n].tolist()) == list(range(n))
+    assert torch.equal(distill.batch_indices(7, n, b, 3), seen[7 * b:8 * b])
+    assert not torch.equal(distill.batch_indices(7, n, b, 4), seen[7 * b:8 * b])
