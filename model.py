@@ -105,11 +105,11 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start, k, v):
-        # k, v (B, H, S, head_dim) for positions start..start+S-1; a batch smaller than the cache's is fine
-        B, S = k.shape[0], k.shape[2]
-        self.k_cache[:B, :, start : start + S] = k
-        self.v_cache[:B, :, start : start + S] = v
+    def update(self, pos, k, v):
+        # k, v (B, H, S, head_dim) for positions pos (S,); a batch smaller than the cache's is fine
+        B = k.shape[0]
+        self.k_cache[:B, :, pos] = k
+        self.v_cache[:B, :, pos] = v
         return self.k_cache[:B], self.v_cache[:B]  # (B, H, 1 + T, head_dim)
 
 
@@ -123,17 +123,17 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.kv_cache = None  # a KVCache while decoding, see GPT.setup_cache
 
-    def forward(self, x, freqs_cis, start=None, mask=None):
-        # x (B, S, C) at positions start..start+S-1; start None = the whole sequence from 0, no cache
+    def forward(self, x, freqs_cis, pos=None, mask=None):
+        # x (B, S, C) at sequence positions pos (S,); pos None = the whole sequence from 0, no cache
         B, S, C = x.shape
         q, k, v = self.wqkv(x).view(B, S, 3, self.n_head, self.head_dim).unbind(2)  # each (B, S, H, hd)
         q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, hd)
         dropout_p = self.dropout if self.training else 0.0
-        if start is None:
+        if pos is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         else:
-            k, v = self.kv_cache.update(start, k, v)  # (B, H, 1 + T, hd)
+            k, v = self.kv_cache.update(pos, k, v)  # (B, H, 1 + T, hd)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, S, C)))
 
@@ -162,8 +162,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x, freqs_cis, start=None, mask=None):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, start, mask)
+    def forward(self, x, freqs_cis, pos=None, mask=None):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, pos, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -191,23 +191,24 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
         nn.init.zeros_(self.output.weight)  # LlamaGen starts from uniform predictions
 
-    def _transformer(self, h, start=None):
-        # h (B, S, C): embedded sequence positions start..start+S-1 (start None: 0.., no cache)
+    def _transformer(self, h, pos=None):
+        # h (B, S, C): the embedded inputs at sequence positions pos (S,); pos None: 0..S-1, no cache
         S = h.shape[1]
         h = self.token_dropout(h)
-        if start is None:
+        if pos is None:
             freqs_cis, mask = self.freqs_cis[:S], None
         else:
             if self.layers[0].attention.kv_cache is None:
                 raise RuntimeError("prefill/decode need a KV cache: call model.setup_cache(batch_size) first")
-            freqs_cis = self.freqs_cis[start : start + S]
-            # every cache slot is attended to, masked by position: slots beyond the query (stale
-            # entries after a speculative rollback, or never written) are invisible
-            key_pos = torch.arange(self.freqs_cis.shape[0], device=h.device)
-            query_pos = torch.arange(start, start + S, device=h.device)
-            mask = key_pos[None, :] <= query_pos[:, None]  # (S, 1 + T)
+            freqs_cis = self.freqs_cis[pos]
+            # every cache slot is attended to, masked: a query sees the keys at or before its position
+            # that have been written. Slots beyond it (stale after a speculative rollback) and slots
+            # never written (ZipAR's rows decoded ahead of the row above) are invisible.
+            self.written[pos] = True
+            key_pos = torch.arange(len(self.written), device=h.device)
+            mask = (key_pos[None, :] <= pos[:, None]) & self.written[None, :]  # (S, 1 + T)
         for layer in self.layers:
-            h = layer(h, freqs_cis, start, mask)
+            h = layer(h, freqs_cis, pos, mask)
         return self.output(self.norm(h)).float()  # (B, S, V)
 
     def _embed(self, labels, codes):
@@ -217,10 +218,16 @@ class GPT(nn.Module):
 
     def forward(self, codes, labels):
         """codes (B, T) long, labels (B,) long -> logits (B, T, V); logits[:, t] predicts codes[:, t]."""
-        if self.training and self.config.class_dropout > 0:
-            dropped = torch.rand(labels.shape, device=labels.device) < self.config.class_dropout
-            labels = torch.where(dropped, self.config.num_classes, labels)
         return self._transformer(self._embed(labels, codes[:, :-1]))
+
+    def drop_labels(self, labels):
+        """In training, each label becomes the null class with probability class_dropout, so that
+        one model is also the unconditional model of classifier-free guidance. The training loop
+        calls it once per batch: a teacher and its student then see the same labels."""
+        if not self.training or self.config.class_dropout == 0:
+            return labels
+        dropped = torch.rand(labels.shape, device=labels.device) < self.config.class_dropout
+        return torch.where(dropped, self.config.num_classes, labels)
 
     def setup_cache(self, batch_size, dtype=None):
         """Installs an empty KV cache for up to batch_size sequences (again to resize it)."""
@@ -228,6 +235,7 @@ class GPT(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch_size, c.n_head, 1 + c.block_size, c.dim // c.n_head,
                                                dtype or weight.dtype, weight.device)
+        self.written = torch.zeros(1 + c.block_size, dtype=torch.bool, device=weight.device)  # (1 + T,)
 
     def clear_cache(self):
         for layer in self.layers:
@@ -236,16 +244,22 @@ class GPT(nn.Module):
     def prefill(self, labels, codes):
         """labels (B,), codes (B, k), k >= 0 -> logits (B, k + 1, V); logits[:, i] predicts code i.
 
-        Writes sequence positions 0..k (class token, then the codes) into the cache.
+        Writes sequence positions 0..k (class token, then the codes) into the cache and forgets
+        anything written after them.
         """
-        return self._transformer(self._embed(labels, codes), start=0)
+        self.written.zero_()
+        return self._transformer(self._embed(labels, codes), torch.arange(codes.shape[1] + 1, device=labels.device))
 
     def decode(self, codes, start):
         """codes (B, L) are codes start..start+L-1 -> logits (B, L, V); logits[:, i] predicts code start+i+1.
 
-        Writes sequence positions start+1..start+L (position 0 is the class token).
+        Writes sequence positions start+1..start+L (position 0 is the class token). `start` may also
+        be a LongTensor (L,) of code indices, not necessarily contiguous (ZipAR's parallel decoding):
+        each code then attends to the written positions before its own.
         """
-        return self._transformer(self.tok_embeddings(codes), start=start + 1)
+        if isinstance(start, int):
+            start = torch.arange(start, start + codes.shape[1], device=codes.device)
+        return self._transformer(self.tok_embeddings(codes), start + 1)
 
 
 def load_checkpoint(path, preset=None, grid_size=None):

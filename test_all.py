@@ -281,7 +281,7 @@ def tiny_model(seed=0, **overrides):
     """The tiny preset in eval mode, with a random output head (the zero-init one predicts uniform
     logits everywhere, which would make every comparison pass)."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(**PRESETS["tiny"], vocab_size=64, num_classes=5, grid_size=4, **overrides))
+    model = GPT(GPTConfig(**{**PRESETS["tiny"], "vocab_size": 64, "num_classes": 5, "grid_size": 4, **overrides}))
     torch.nn.init.normal_(model.output.weight, std=0.5)
     return model.eval()
 
@@ -378,11 +378,13 @@ def test_label_dropout_rate_in_training_and_none_in_eval():
     model.cls_embedding["embedding_table"].register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
     codes = torch.zeros(20000, 2, dtype=torch.long)
     labels = torch.randint(5, (20000,))
-    model.train()(codes, labels)
+    model.train()(codes, model.drop_labels(labels))
     dropped = (seen[-1] == 5).float().mean().item()
     assert abs(dropped - 0.3) < 0.02
     assert torch.equal(seen[-1][seen[-1] != 5], labels[seen[-1] != 5])
-    model.eval()(codes, labels)
+    model.eval()(codes, model.drop_labels(labels))
+    assert torch.equal(seen[-1], labels)
+    model.train()(codes, labels)  # forward itself never drops: the loop decides, once per batch
     assert torch.equal(seen[-1], labels)
 
 
@@ -532,3 +534,125 @@ def test_batches_cover_each_epoch_once_and_depend_only_on_the_step():
         assert sorted(seen[e * n:(e + 1) * n].tolist()) == list(range(n))
     assert torch.equal(distill.batch_indices(7, n, b, 3), seen[7 * b:8 * b])
     assert not torch.equal(distill.batch_indices(7, n, b, 4), seen[7 * b:8 * b])
+
+
+# ------------------------------------------------------------------------------ the KD maths
+
+
+def random_logits(*shape, seed=0, scale=2.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def kl(p_logits, q_logits):
+    """KL(p || q) per position, written out from probabilities."""
+    p, q = p_logits.softmax(-1), q_logits.softmax(-1)
+    return (p * (p.log() - q.log())).sum(-1)
+
+
+def test_gkd_beta_0_is_forward_kl_beta_1_reverse_kl_and_half_the_jsd():
+    s, t = random_logits(3, 5, 7, seed=1), random_logits(3, 5, 7, seed=2)
+    assert torch.allclose(distill.gkd_loss(s, t, 0.0), kl(t, s).mean(), atol=1e-6)
+    assert torch.allclose(distill.gkd_loss(s, t, 1.0), kl(s, t).mean(), atol=1e-6)
+    p, q = t.softmax(-1), s.softmax(-1)
+    m = 0.5 * (p + q)
+    js = 0.5 * (p * (p / m).log()).sum(-1) + 0.5 * (q * (q / m).log()).sum(-1)
+    assert torch.allclose(distill.gkd_loss(s, t, 0.5), js.mean(), atol=1e-6)
+    assert distill.gkd_loss(s, t, 0.5) < np.log(2)  # the JSD is bounded by log 2
+
+
+def test_kd_of_identical_logits_is_zero_and_scales_with_tau_squared():
+    s = random_logits(2, 4, 9)
+    assert distill.kd_loss(s, s.clone(), tau=2.0).abs() < 1e-6
+    t = random_logits(2, 4, 9, seed=5)
+    assert torch.allclose(distill.kd_loss(s, t, tau=2.0), kl(t / 2, s / 2).mean() * 4, atol=1e-6)
+
+
+def test_varkd_with_one_group_per_code_no_weights_and_full_mask_is_reverse_kl():
+    s, t = random_logits(2, 6, 8, seed=3), random_logits(2, 6, 8, seed=4)
+    ones = torch.ones(2, 6)
+    got = distill.varkd_loss(s, t, ones, ones.bool(), groups=torch.arange(8))
+    assert torch.allclose(got, kl(s, t).mean(), atol=1e-5)
+    assert torch.allclose(distill.varkd_loss(s, t, ones, ones.bool()), kl(s, t).mean(), atol=1e-6)
+
+
+def test_varkd_averages_weighted_kl_over_mask_positions_only():
+    s, t = random_logits(1, 4, 5, seed=6), random_logits(1, 4, 5, seed=7)
+    weights = torch.tensor([[0.5, 1.0, 0.25, 2.0]])
+    mask = torch.tensor([[False, True, True, False]])
+    expected = (1.0 * kl(s, t)[0, 1] + 0.25 * kl(s, t)[0, 2]) / 2
+    assert torch.allclose(distill.varkd_loss(s, t, weights, mask), expected, atol=1e-6)
+
+
+def test_codebook_groups_sum_probabilities_before_the_kl():
+    # 4 codes in 2 groups {0, 1} and {2, 3}: student and teacher split each group's mass differently
+    # but agree on the group totals (0.75 / 0.25), so the relaxed KL is 0 while the plain one is not
+    s = torch.tensor([[[0.70, 0.05, 0.20, 0.05]]]).log()
+    t = torch.tensor([[[0.05, 0.70, 0.05, 0.20]]]).log()
+    groups = torch.tensor([0, 0, 1, 1])
+    one, mask = torch.ones(1, 1), torch.ones(1, 1, dtype=torch.bool)
+    assert distill.varkd_loss(s, t, one, mask, groups).abs() < 1e-6
+    assert distill.varkd_loss(s, t, one, mask) > 0.5
+    t2 = torch.tensor([[[0.45, 0.05, 0.25, 0.25]]]).log()  # group totals 0.5 / 0.5
+    q_s, q_t = torch.tensor([0.75, 0.25]), torch.tensor([0.5, 0.5])
+    expected = (q_s * (q_s / q_t).log()).sum()
+    assert torch.allclose(distill.varkd_loss(s, t2, one, mask, groups), expected, atol=1e-6)
+
+
+def test_entropy_weights_are_one_minus_normalised_entropy_and_truncate_after_first_low():
+    V = 16
+    confident, uniform = torch.full((V,), -20.0), torch.zeros(V)
+    confident[3] = 20.0
+    t = torch.stack([confident, uniform, confident, confident])[None]  # (1, 4, V)
+    alpha = distill.entropy_weights(t, threshold=None)
+    assert torch.allclose(alpha, torch.tensor([[1.0, 0.0, 1.0, 1.0]]), atol=1e-4)
+    truncated = distill.entropy_weights(t, threshold=0.1)
+    assert torch.allclose(truncated, torch.tensor([[1.0, 0.0, 0.0, 0.0]]), atol=1e-4)
+    # a low alpha outside the supervised positions (the real prefix) does not truncate
+    mask = torch.tensor([[False, False, True, True]])
+    assert torch.allclose(distill.entropy_weights(t, 0.1, mask), alpha, atol=1e-4)
+    half = torch.tensor([0.0] * 4 + [-50.0] * (V - 4))  # uniform over 4 of 16: alpha = 1 - log4/log16
+    assert torch.allclose(distill.entropy_weights(half[None, None], None), torch.tensor([[0.5]]), atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_mixed_rollout_keeps_the_prefix_and_samples_only_the_suffix(window):
+    model = tiny_model(grid_size=5)  # T = 25
+    codes, labels = random_batch(model, B=16)
+    out, mask = distill.mixed_rollout(model, codes, labels, (0.25, 0.75), torch.Generator().manual_seed(0), window)
+    T = codes.shape[1]
+    k = (~mask).sum(1)  # prefix lengths
+    assert torch.equal(mask, torch.arange(T)[None] >= k[:, None])  # mask = exactly the positions >= k
+    assert int(k.min()) >= int(0.25 * T) and int(k.max()) <= int(0.75 * T) and len(set(k.tolist())) > 1
+    assert torch.equal(out[~mask], codes[~mask])  # the real prefix is kept
+    assert (out[mask] != codes[mask]).float().mean() > 0.8  # the suffix is resampled (64 codes)
+    assert model.layers[0].attention.kv_cache is None and not model.training
+
+
+def test_sequential_rollout_samples_from_the_student_distribution():
+    # with the same generator, the sequential rollout of a single example equals generate()'s
+    # cached sampling continued from the real prefix: check the first sampled code's distribution
+    model = tiny_model(grid_size=4)
+    codes, labels = random_batch(model, B=1)
+    codes, labels = codes.repeat(4000, 1), labels.repeat(4000)
+    out, mask = distill.mixed_rollout(model, codes, labels, (0.5, 0.5), torch.Generator().manual_seed(1))
+    k = int((~mask[0]).sum())
+    with torch.no_grad():
+        p = model(codes[:1], labels[:1])[0, k].softmax(-1)  # p(code k | class, real prefix)
+    freq = torch.bincount(out[:, k], minlength=p.numel()).float() / len(out)
+    assert (freq - p).abs().max() < 0.03
+
+
+def test_zipar_schedule_covers_every_code_once_and_waits_for_the_row_above():
+    grid, window = 7, 4
+    steps = distill.zipar_schedule(grid, 10, window)
+    flat = [p for s in steps for p in s]
+    assert sorted(flat) == list(range(10, 49))
+    when = {p: i for i, s in enumerate(steps) for p in s}
+    for p in flat:
+        r, c = divmod(p, grid)
+        if c > 0 and p - 1 >= 10:
+            assert when[p] > when[p - 1]
+        above = (r - 1) * grid + min(c + window, grid - 1)
+        if r > 0 and above >= 10:
+            assert when[p] > when[above]
+    assert len(steps) < 49 - 10  # fewer decoding steps than codes
