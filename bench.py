@@ -1,4 +1,5 @@
-"""Speed figures, printed as a table: training tokens/s and sampling images/s.
+"""Speed figures, printed as tables: training tokens/s and sampling images/s per model size; one
+training step of each distillation method as a ratio to kd; rollouts with and without ZipAR.
 
     python bench.py                      # default teacher and student sizes, batch 64, CPU
     python bench.py --device cuda --sizes B,L --batch-size 32
@@ -15,6 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import distill
 from model import GPT, PRESETS, GPTConfig
 from sample import generate
 
@@ -43,6 +45,10 @@ def main():
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure, median reported (default: 5)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--teacher", default="teacher", help="teacher preset of the method rows (default: teacher)")
+    p.add_argument("--student", default="student", help="student preset of the method rows (default: student)")
+    p.add_argument("--method-steps", type=int, default=20, help="steps averaged per method (default: 20)")
+    p.add_argument("--no-methods", action="store_true", help="skip the per-method table")
     args = p.parse_args()
     device = torch.device(args.device)
     B = args.batch_size
@@ -70,6 +76,51 @@ def main():
         n = sum(p.numel() for p in model.parameters())
         print(f"{size:>8} {n / 1e6:>7.2f}M {B * config.block_size / t_train:>12,.0f} {B / t_cache:>13.1f} "
               f"{B / t_plain:>9.1f} {t_plain / t_cache:>14.1f}x")
+    if args.no_methods:
+        return
+    methods(args, device)
+
+
+def methods(args, device):
+    """One optimizer step of each method, teacher -> student at the default sizes, averaged over
+    --method-steps steps (onpolicy draws a rollout on a fraction lambda of them)."""
+    B = args.batch_size
+    shape = dict(vocab_size=args.vocab, num_classes=args.classes, grid_size=args.grid)
+    teacher = GPT(GPTConfig(**PRESETS[args.teacher], **shape)).to(device).eval().requires_grad_(False)
+    student = GPT(GPTConfig(**PRESETS[args.student], **shape)).to(device)
+    torch.nn.init.normal_(student.output.weight, std=0.02)  # a zero head would make rollouts uniform
+    torch.nn.init.normal_(teacher.output.weight, std=0.02)
+    groups = torch.arange(args.vocab, device=device) % (args.vocab // 4)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    T = args.grid ** 2
+    codes = torch.randint(args.vocab, (B, T), device=device)
+    labels = torch.randint(args.classes, (B,), device=device)
+    print(f"\none training step, {args.teacher} -> {args.student}, batch {B}, mean of {args.method_steps} steps")
+    print(f"{'method':>9} {'ms/step':>9} {'vs kd':>7}")
+    times = {}
+    for method in distill.METHODS:
+        margs = distill.get_args(["--method", method, "--batch-size", str(B)])
+        counter = iter(range(10 ** 9))
+
+        def step():
+            g = torch.Generator(device).manual_seed(next(counter))
+            loss = distill.method_loss(margs, student, student, teacher, codes, labels, groups, g)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        student.train()
+        times[method] = timed(lambda: [step() for _ in range(args.method_steps)], device, 1) / args.method_steps
+        if method == "seqkd":  # plus its pool of teacher samples, drawn every pool_refresh steps
+            pool = timed(lambda: distill.teacher_pool(teacher, margs.pool_size, args.classes, 1.0, 0), device, 1)
+            times[method] += pool / margs.pool_refresh
+    for method, t in times.items():
+        print(f"{method:>9} {t * 1e3:>9.1f} {t / times['kd']:>6.2f}x")
+    g = lambda: torch.Generator(device).manual_seed(0)
+    seq = timed(lambda: distill.mixed_rollout(student, codes, labels, generator=g()), device, args.repeats)
+    par = timed(lambda: distill.mixed_rollout(student, codes, labels, generator=g(), window=4), device, args.repeats)
+    print(f"\nmixed rollout of {B} (student, prefix 25-75%): sequential {seq * 1e3:.1f} ms, "
+          f"ZipAR window 4 {par * 1e3:.1f} ms ({seq / par:.2f}x)")
 
 
 if __name__ == "__main__":

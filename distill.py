@@ -1,14 +1,29 @@
 """Knowledge distillation of visual autoregressive models: THE training loop.
 
-    python distill.py --method ce --size teacher    # trains the teacher: out/teacher.pt
+    python distill.py --method ce --size teacher    # the teacher: out/teacher.pt
     python distill.py --method ce                   # the no-KD student: out/ce/ckpt.pt
-    python distill.py --method ce --resume          # continue from the last checkpoint
+    python distill.py --method kd                   # stage 1 from out/ce: out/kd/ckpt.pt
+    python distill.py --method varkd                # stage 2 from out/kd: out/varkd/ckpt.pt
+    python distill.py --method varkd --resume       # continue from the last checkpoint
+
+Every method minimises E over contexts x_<t of D(p_T(.|x_<t), p_S(.|x_<t)); they differ in where
+the contexts come from and in D (Peruzzo et al. 2026, "Knowledge Distillation for Visual
+Autoregressive Models"):
+
+    method    contexts                                   D
+    ce        data                                       cross-entropy with the data code
+    kd        data (teacher-forced)                      forward KL(p_T^tau || p_S^tau) tau^2
+    seqkd     teacher samples (a pool, refreshed)        forward KL
+    onpolicy  data, or w.p. lambda a mixed rollout       generalized JSD_beta (GKD)
+    varkd     mixed rollouts: real prefix, the student   alpha_t-weighted reverse KL on the sampled
+              samples the rest                           positions, truncated after the first
+                                                         alpha_t < 0.1, over codebook groups
 
 Builds what is missing first (Fashion-MNIST, the tokenizer out/tokenizer.pt, the token cache
-out/tokens/), then trains on code sequences: AdamW (betas 0.9/0.95, weight decay on matrices only,
-as LlamaGen), linear warm-up then cosine (or constant) learning rate, gradient clipping at 1.0,
-held-out NLL every --eval-interval steps and atomic checkpoints every --ckpt-interval steps.
-Every checkpoint records its config and the fingerprints of the data and tokenizer it was built
+out/tokens/). AdamW (betas 0.9/0.95, weight decay on matrices only, as LlamaGen), linear warm-up then
+cosine (or constant) learning rate, gradient clipping at 1.0, held-out NLL and KL to the teacher
+every --eval-interval steps, atomic checkpoints every --ckpt-interval steps. Every checkpoint records
+its config and the fingerprints of the data, tokenizer, teacher and starting checkpoint it was built
 from; --resume refuses a checkpoint built from anything else.
 """
 import argparse
@@ -120,7 +135,7 @@ def mixed_rollout(student, codes, labels, prefix_frac=(0.25, 0.75), generator=No
     True at the student-sampled positions. window > 0: ZipAR-style parallel decoding of rows."""
     B, T = codes.shape
     lo, hi = int(prefix_frac[0] * T), int(prefix_frac[1] * T)
-    k = torch.randint(lo, hi + 1, (B,), generator=generator).to(codes.device)  # (B,)
+    k = torch.randint(lo, hi + 1, (B,), generator=generator, device=codes.device)  # (B,)
     mask = torch.arange(T, device=codes.device)[None, :] >= k[:, None]  # (B, T)
     out = codes.clone()
     was_training = student.training
@@ -327,6 +342,35 @@ def save_checkpoint(path, model, optimizer, step, args, fingerprints, metrics):
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def method_loss(args, step_fn, model, teacher, codes, labels, groups, g):
+    """One step of one method: where its contexts come from, then which divergence. codes (B, T) are
+    data (or, for seqkd, teacher samples); g is the step's random generator."""
+    labels = model.drop_labels(labels)  # teacher and student see the same (possibly null) labels
+    mask = torch.ones_like(codes, dtype=torch.bool)  # (B, T): the supervised positions
+    rollout = args.method in ("onpolicy", "varkd") and torch.rand(1, generator=g, device=g.device).item() < args.lam
+    if rollout:
+        window = 0 if args.method != "varkd" or args.no_parallel else args.window
+        codes, mask = mixed_rollout(model, codes, labels, args.prefix_frac, g, window)
+    logits = step_fn(codes, labels)  # (B, T, V)
+    if args.method == "ce":
+        return F.cross_entropy(logits.flatten(0, 1), codes.flatten())
+    with torch.no_grad():
+        t_logits = teacher(codes, labels)
+    if args.method in ("kd", "seqkd"):
+        loss = kd_loss(logits, t_logits, args.tau)
+    elif args.method == "onpolicy":
+        loss = gkd_loss(logits, t_logits, args.beta)
+    else:
+        weights = (torch.ones_like(mask, dtype=logits.dtype) if args.no_entropy_weights else
+                   entropy_weights(t_logits, None if args.no_truncation else args.threshold, mask))
+        loss = varkd_loss(logits, t_logits, weights, mask, groups, args.beta)
+    if args.ce_weight > 0 and args.method != "seqkd":
+        real = ~mask if rollout else mask  # CE on real codes only
+        ce = F.cross_entropy(logits.flatten(0, 1), codes.flatten(), reduction="none")
+        loss = loss + args.ce_weight * (ce * real.flatten()).sum() / real.sum()
+    return loss
+
+
 def main(argv=None):
     args = get_args(argv)
     torch.manual_seed(args.seed)
@@ -381,7 +425,6 @@ def main(argv=None):
               f"{metrics['start']['test_kl']:.4f} nats/code")
     step_fn = torch.compile(model) if args.compile else model
     model.train()
-    window = 0 if args.method != "varkd" or args.no_parallel else args.window
     t0, tokens, pool_id = time.time(), 0, None
     bar = tqdm(range(start, args.max_iters), initial=start, total=args.max_iters, desc=args.method)
     for step in bar:
@@ -389,7 +432,7 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         # every random choice of a step is a pure function of (seed, step): resumable, reproducible
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)
         # where the contexts come from: data, teacher samples (seqkd), or mixed rollouts
         if args.method == "seqkd":
             if pool_id != step // args.pool_refresh:
@@ -400,30 +443,7 @@ def main(argv=None):
         else:
             idx = batch_indices(step, len(train_codes), args.batch_size, args.seed)
             codes, labels = train_codes[idx].to(device), train_labels[idx].to(device)
-        labels = model.drop_labels(labels)  # teacher and student see the same (possibly null) labels
-        mask = torch.ones_like(codes, dtype=torch.bool)  # (B, T): the supervised positions
-        rollout = args.method in ("onpolicy", "varkd") and torch.rand(1, generator=g).item() < args.lam
-        if rollout:
-            codes, mask = mixed_rollout(model, codes, labels, args.prefix_frac, g, window)
-        logits = step_fn(codes, labels)  # (B, T, V)
-        # which divergence: one line per method
-        if args.method == "ce":
-            loss = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
-        else:
-            with torch.no_grad():
-                t_logits = teacher(codes, labels)
-            if args.method in ("kd", "seqkd"):
-                loss = kd_loss(logits, t_logits, args.tau)
-            elif args.method == "onpolicy":
-                loss = gkd_loss(logits, t_logits, args.beta)
-            else:
-                weights = (torch.ones_like(mask, dtype=logits.dtype) if args.no_entropy_weights else
-                           entropy_weights(t_logits, None if args.no_truncation else args.threshold, mask))
-                loss = varkd_loss(logits, t_logits, weights, mask, groups, args.beta)
-            if args.ce_weight > 0 and args.method != "seqkd":
-                real = ~mask if rollout else mask  # CE on real codes only
-                ce = F.cross_entropy(logits.flatten(0, 1), codes.flatten(), reduction="none")
-                loss = loss + args.ce_weight * (ce * real.flatten()).sum() / real.sum()
+        loss = method_loss(args, step_fn, model, teacher, codes, labels, groups, g)
         if not torch.isfinite(loss):
             raise SystemExit(f"the loss is {loss.item()} at step {step}: training diverged; the last "
                              f"good checkpoint {args.out} is kept; lower --lr and --resume")

@@ -656,3 +656,27 @@ def test_zipar_schedule_covers_every_code_once_and_waits_for_the_row_above():
         if r > 0 and above >= 10:
             assert when[p] > when[above]
     assert len(steps) < 49 - 10  # fewer decoding steps than codes
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(trained_setup):
+    """A tiny teacher trained 40 steps with ce, in the shared out-dir."""
+    path = trained_setup / "teacher_tiny.pt"
+    run_distill(trained_setup, "--max-iters", "40", "--lr", "3e-3", "--warmup", "5", "--out", str(path))
+    return path
+
+
+@pytest.mark.parametrize("method", ["kd", "seqkd", "onpolicy", "varkd"])
+def test_each_method_lowers_the_held_out_kl_to_the_teacher(trained_setup, tiny_teacher, method):
+    metrics = run_distill(trained_setup, "--method", method, "--teacher", str(tiny_teacher), "--init", "none",
+                          "--max-iters", "15", "--lr", "3e-3", "--warmup", "2", "--pool-size", "64",
+                          "--out", str(trained_setup / f"{method}.pt"))
+    assert metrics["test_kl"] < 0.8 * metrics["start"]["test_kl"]
+    ckpt = torch.load(trained_setup / f"{method}.pt", weights_only=True)
+    assert ckpt["fingerprints"]["teacher"] and ckpt["fingerprints"]["tokenizer"]
+
+
+def test_a_missing_parent_is_named_with_the_command_that_builds_it(trained_setup, tiny_teacher):
+    with pytest.raises(SystemExit, match=r"no student at .*kd/ckpt.pt: train it first \(python distill.py --method kd\)"):
+        run_distill(trained_setup, "--method", "varkd", "--teacher", str(tiny_teacher), "--max-iters", "2",
+                    "--out", str(trained_setup / "orphan.pt"))
