@@ -113,8 +113,9 @@ def varkd_loss(s_logits, t_logits, weights, mask, groups=None, beta=1.0):
 
 
 def zipar_schedule(grid, start, window):
-    """ZipAR (He et al. 2024): row r+1 starts once row r is `window` codes ahead, so several rows are
-    decoded at once. Returns lists of code indices (>= start), one list per decoding step."""
+    """ZipAR (He et al. 2024): code (r, c) waits only for its left neighbour and for (r-1, c+window),
+    not for the end of row r-1, so several rows are decoded at once (spatial locality). Returns
+    lists of code indices (>= start), one list per decoding step."""
     step = {}
     for p in range(start, grid * grid):
         r, c = divmod(p, grid)
@@ -203,8 +204,8 @@ def get_args(argv=None):
     kd.add_argument("--no-parallel", action="store_true", help="varkd ablation: sequential rollouts, not ZipAR")
     kd.add_argument("--window", type=int, default=4, help="ZipAR window: a row starts when the row above is "
                     "this many codes in (default: 4)")
-    kd.add_argument("--pool-size", type=int, default=2048, help="seqkd: teacher samples per pool (default: 2048)")
-    kd.add_argument("--pool-refresh", type=int, default=500, help="seqkd: steps between new pools (default: 500)")
+    kd.add_argument("--pool-size", type=int, default=8192, help="seqkd: teacher samples per pool (default: 8192)")
+    kd.add_argument("--pool-refresh", type=int, default=250, help="seqkd: steps between new pools; at batch 128 each sample is seen about 4 times (default: 250)")
     kd.add_argument("--pool-cfg", type=float, default=1.0, help="seqkd: CFG scale of the teacher's samples "
                     "(default: 1.0, the teacher's own distribution)")
     p.add_argument("--max-iters", type=int, help="optimizer steps (default: 2000 for the teacher, "
