@@ -438,7 +438,8 @@ def main(argv=None):
         if args.method == "seqkd":
             if pool_id != step // args.pool_refresh:
                 pool_id = step // args.pool_refresh
-                pool = teacher_pool(teacher, args.pool_size, config.num_classes, args.pool_cfg, args.seed + pool_id)
+                pool = teacher_pool(teacher, args.pool_size, config.num_classes, args.pool_cfg,
+                                    args.seed * 1_000_003 + pool_id)
             idx = batch_indices(step, args.pool_size, args.batch_size, args.seed)
             codes, labels = pool[0][idx], pool[1][idx]
         else:

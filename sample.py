@@ -9,7 +9,6 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from data import save_grid
