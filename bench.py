@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import distill
 from model import GPT, PRESETS, GPTConfig
-from sample import generate
+from sample import generate, mixed_rollout
 
 
 def timed(fn, device, repeats):
@@ -117,8 +117,8 @@ def methods(args, device):
     for method, t in times.items():
         print(f"{method:>9} {t * 1e3:>9.1f} {t / times['kd']:>6.2f}x")
     g = lambda: torch.Generator(device).manual_seed(0)
-    seq = timed(lambda: distill.mixed_rollout(student, codes, labels, generator=g()), device, args.repeats)
-    par = timed(lambda: distill.mixed_rollout(student, codes, labels, generator=g(), window=4), device, args.repeats)
+    seq = timed(lambda: mixed_rollout(student, codes, labels, generator=g()), device, args.repeats)
+    par = timed(lambda: mixed_rollout(student, codes, labels, generator=g(), window=4), device, args.repeats)
     print(f"\nmixed rollout of {B} (student, prefix 25-75%): sequential {seq * 1e3:.1f} ms, "
           f"ZipAR window 4 {par * 1e3:.1f} ms ({seq / par:.2f}x)")
 

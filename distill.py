@@ -1,14 +1,16 @@
-"""Knowledge distillation of visual autoregressive models: THE training loop.
+"""Knowledge distillation of visual autoregressive models: THE training loop, and the main job.
 
-    python distill.py --method ce --size teacher    # the teacher: out/teacher.pt
-    python distill.py --method ce                   # the no-KD student: out/ce/ckpt.pt
-    python distill.py --method kd                   # stage 1 from out/ce: out/kd/ckpt.pt
-    python distill.py --method varkd                # stage 2 from out/kd: out/varkd/ckpt.pt
-    python distill.py --method varkd --resume       # continue from the last checkpoint
+    python distill.py --method varkd        # everything missing, then VarKD: out/varkd/ckpt.pt + a table
+    python distill.py --method ce --size teacher            # just the teacher: out/teacher.pt
+    python distill.py --method varkd --resume               # continue a killed run
+    torchrun --standalone --nproc_per_node 8 distill.py --method varkd --batch-size 256
 
-Every method minimises E over contexts x_<t of D(p_T(.|x_<t), p_S(.|x_<t)); they differ in where
-the contexts come from and in D (Peruzzo et al. 2026, "Knowledge Distillation for Visual
-Autoregressive Models"):
+The main job builds what the method needs and is missing, in order, and reuses what exists: the
+data, the tokenizer out/tokenizer.pt, the token cache out/tokens/, the teacher out/teacher.pt, the
+no-KD student out/ce/, stage-1 KD out/kd/ (from out/ce/), then the method (stage 2 from out/kd/).
+It ends with one table line per finished model in out/ (evaluate.py). Every method minimises E over
+contexts x_<t of D(p_T(.|x_<t), p_S(.|x_<t)); they differ in where the contexts come from and in D
+(Peruzzo et al. 2026, "Knowledge Distillation for Visual Autoregressive Models"):
 
     method    contexts                                   D
     ce        data                                       cross-entropy with the data code
@@ -19,29 +21,33 @@ Autoregressive Models"):
               samples the rest                           positions, truncated after the first
                                                          alpha_t < 0.1, over codebook groups
 
-Builds what is missing first (Fashion-MNIST, the tokenizer out/tokenizer.pt, the token cache
-out/tokens/). AdamW (betas 0.9/0.95, weight decay on matrices only, as LlamaGen), linear warm-up then
-cosine (or constant) learning rate, gradient clipping at 1.0, held-out NLL and KL to the teacher
-every --eval-interval steps, atomic checkpoints every --ckpt-interval steps. Every checkpoint records
-its config and the fingerprints of the data, tokenizer, teacher and starting checkpoint it was built
-from; --resume refuses a checkpoint built from anything else.
+AdamW (betas 0.9/0.95, decay on matrices only, as LlamaGen), warm-up then cosine, clipping at 1.0,
+held-out NLL and KL to the teacher every --eval-interval steps, atomic checkpoints every
+--ckpt-interval steps recording the config, the flags and the fingerprints of the data, tokenizer,
+teacher and starting checkpoint: anything built from other inputs is refused, never overwritten.
+DDP under torchrun (gloo on CPU, nccl on GPUs), bf16 autocast on GPUs.
 """
 import argparse
+import contextlib
 import functools
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import tokenizer as tok
 from data import atomic_write, fingerprint, load_fashion_mnist, token_cache
 from model import GPT, PRESETS, GPTConfig, load_checkpoint
-from sample import generate
+from evaluate import held_out, table
+from sample import generate, mixed_rollout
 
 
 # ------------------------------------------------------------------------------------------------
@@ -108,66 +114,19 @@ def varkd_loss(s_logits, t_logits, weights, mask, groups=None, beta=1.0):
     return (weights * jsd(s_logp, t_logp, beta) * mask).sum() / mask.sum().clamp_min(1)
 
 
-# ------------------------------------------------------------------------------------------------
-# Where the contexts come from: data (teacher-forced), teacher samples (seqkd), or mixed rollouts.
-
-
-def zipar_schedule(grid, start, window):
-    """ZipAR (He et al. 2024): code (r, c) waits only for its left neighbour and for (r-1, c+window),
-    not for the end of row r-1, so several rows are decoded at once (spatial locality). Returns
-    lists of code indices (>= start), one list per decoding step."""
-    step = {}
-    for p in range(start, grid * grid):
-        r, c = divmod(p, grid)
-        after_left = step.get(p - 1, -1) if c > 0 else -1
-        above = (r - 1) * grid + min(c + window, grid - 1)
-        after_above = step.get(above, -1) if r > 0 else -1
-        step[p] = max(after_left, after_above) + 1
-    order = [[] for _ in range(max(step.values(), default=-1) + 1)]
-    for p, s in step.items():
-        order[s].append(p)
-    return order
-
-
-@torch.no_grad()
-def mixed_rollout(student, codes, labels, prefix_frac=(0.25, 0.75), generator=None, window=0):
-    """Keep the first k codes of each real sequence, k ~ U[prefix_frac * T] per example; the student
-    samples the rest (KV cache, temperature 1, no CFG). Returns the codes (B, T) and a mask (B, T),
-    True at the student-sampled positions. window > 0: ZipAR-style parallel decoding of rows."""
-    B, T = codes.shape
-    lo, hi = int(prefix_frac[0] * T), int(prefix_frac[1] * T)
-    k = torch.randint(lo, hi + 1, (B,), generator=generator, device=codes.device)  # (B,)
-    mask = torch.arange(T, device=codes.device)[None, :] >= k[:, None]  # (B, T)
-    out = codes.clone()
-    was_training = student.training
-    student.eval()
-    student.setup_cache(B)
-    grid = student.config.grid_size
-    steps = zipar_schedule(grid, lo, window) if window else [[p] for p in range(lo, T)]
-    # the prefix every example shares goes in at once; the rest of each example's prefix is
-    # teacher-forced below. after[q]: logits (B, V) computed on code q, which predict code q + 1.
-    after = {lo - 1: student.prefill(labels, codes[:, :lo])[:, -1]}
-    for positions in steps:
-        # a row started ahead of the end of the row above (ZipAR) lacks code p - 1: the newest
-        # code of the row above, `window` codes in, stands in for it
-        preds = [after.get(p - 1, after.get(p - grid + min(window, grid - 1))) for p in positions]
-        probs = torch.stack(preds, 1).softmax(-1)  # (B, L, V)
-        sampled = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(B, len(positions))
-        pos = torch.tensor(positions, device=codes.device)
-        out[:, pos] = torch.where(mask[:, pos], sampled.to(codes.device), codes[:, pos])
-        feed = [p for p in positions if p + 1 < T]
-        if feed:
-            logits = student.decode(out[:, feed], torch.tensor(feed, device=codes.device))  # (B, L', V)
-            after.update({p: logits[:, i] for i, p in enumerate(feed)})
-    student.clear_cache()
-    student.train(was_training)
-    return out, mask
-
-
 METHODS = ("ce", "kd", "seqkd", "onpolicy", "varkd")
+# flags every run of one pipeline shares: the parents built for a run get them too
+SHARED = ("out_dir", "data_dir", "tokenizer", "teacher", "teacher_size", "teacher_iters", "size", "batch_size",
+          "seed", "device", "compile", "eval_interval", "eval_seqs", "ckpt_interval")
+# what a run's weights depend on besides its inputs: a checkpoint is reused or continued only with the same
+RECIPE = ("method", "size", "max_iters", "batch_size", "lr", "min_lr_frac", "warmup", "schedule", "weight_decay",
+          "grad_clip", "seed", "tau", "ce_weight", "lam", "beta", "prefix_frac", "threshold", "no_entropy_weights",
+          "no_truncation", "no_groups", "groups", "no_parallel", "window", "pool_size", "pool_refresh", "pool_cfg")
+ROLES = {"teacher": "teacher", "ce": "no-KD student", "kd": "stage-1 KD student"}
+MINUTES = {"teacher": 8, "ce": 2, "kd": 3, "seqkd": 4, "onpolicy": 3, "varkd": 4}  # default sizes, 2 CPU cores
 
 
-def get_args(argv=None):
+def get_args(argv=None, **stage):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="ce", choices=list(METHODS), help="ce: next-code cross-entropy "
                    "on data (teacher, no-KD student); kd: forward KL on data; seqkd: forward KL on teacher "
@@ -208,8 +167,11 @@ def get_args(argv=None):
     kd.add_argument("--pool-refresh", type=int, default=250, help="seqkd: steps between new pools; at batch 128 each sample is seen about 4 times (default: 250)")
     kd.add_argument("--pool-cfg", type=float, default=1.0, help="seqkd: CFG scale of the teacher's samples "
                     "(default: 1.0, the teacher's own distribution)")
-    p.add_argument("--max-iters", type=int, help="optimizer steps (default: 2000 for the teacher, "
-                   "1000 otherwise)")
+    p.add_argument("--max-iters", type=int, help="optimizer steps of this run and of the student runs "
+                   "the pipeline builds first (default: --teacher-iters for the teacher, 1000 otherwise)")
+    p.add_argument("--teacher-size", default="teacher", help="preset of the teacher the pipeline trains when "
+                   "--teacher is missing (default: teacher)")
+    p.add_argument("--teacher-iters", type=int, default=1500, help="its optimizer steps (default: 1500)")
     p.add_argument("--batch-size", type=int, default=128, help="sequences per step (default: 128)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
     p.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine floor as a fraction of "
@@ -226,15 +188,19 @@ def get_args(argv=None):
                    "NLL; the final one uses the whole split (default: 2000)")
     p.add_argument("--ckpt-interval", type=int, default=250, help="steps between checkpoints "
                    "(default: 250)")
-    p.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run at --out (with "
+                   "the flags it was started with); the parents the pipeline builds are always continued")
     p.add_argument("--seed", type=int, default=0, help="seed of init, data order and dropout (default: 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: cuda if available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off for "
                    "runs of several minutes)")
     args = p.parse_args(argv)
-    if args.size not in PRESETS:
-        p.error(f"unknown --size {args.size!r}: choose one of {', '.join(PRESETS)}")
+    vars(args).update(stage)  # the pipeline's parent runs: their defaults plus the shared flags
+    for size in (args.size, args.teacher_size):
+        if size not in PRESETS:
+            p.error(f"unknown size {size!r}: choose one of {', '.join(PRESETS)}")
+    max_iters = args.max_iters  # shared only when given: each stage has its own default
     if args.out is None:
         args.out = (f"{args.out_dir}/teacher.pt" if args.size == "teacher" and args.method == "ce"
                     else f"{args.out_dir}/{args.method}/ckpt.pt")
@@ -244,15 +210,57 @@ def get_args(argv=None):
         args.init = {"ce": "none", "kd": f"{args.out_dir}/ce/ckpt.pt"}.get(args.method, f"{args.out_dir}/kd/ckpt.pt")
     args.lam = args.lam if args.lam is not None else {"onpolicy": 0.1, "varkd": 1.0}.get(args.method, 0.0)
     args.beta = args.beta if args.beta is not None else (1.0 if args.method == "varkd" else 0.5)
-    args.prefix_frac = tuple(float(x) for x in args.prefix_frac.split(","))
-    args.max_iters = args.max_iters or (2000 if args.size == "teacher" else 1000)
+    if isinstance(args.prefix_frac, str):
+        args.prefix_frac = tuple(float(x) for x in args.prefix_frac.split(","))
+    args.max_iters = args.max_iters or (args.teacher_iters if args.out == args.teacher else 1000)
+    args.shared = {**{k: getattr(args, k) for k in SHARED}, "max_iters": max_iters}
     return args
 
 
+def stage_args(args, stage):
+    """The run of a parent ('teacher', 'ce' or 'kd') the pipeline builds for `args`: that method's
+    defaults plus the flags every run shares. The teacher does not depend on --seed: one teacher
+    serves every seed of a study."""
+    if stage == "teacher":
+        return get_args([], **{**args.shared, "method": "ce", "size": args.teacher_size,
+                               "max_iters": args.teacher_iters, "seed": 0, "out": args.teacher})
+    return get_args([], **args.shared, method=stage)
+
+
+def pipeline(args):
+    """The runs `args` needs, parents first (DESIGN.md, the main job): the teacher, the no-KD
+    student (ce), stage-1 KD from it, then `args`. Parents are built only at their default paths: a
+    --teacher or --init you pass must exist."""
+    runs = []
+    if args.method != "ce" and args.teacher == f"{args.out_dir}/teacher.pt":
+        runs.append(stage_args(args, "teacher"))
+    chain = {"ce": [], "kd": ["ce"]}.get(args.method, ["ce", "kd"])
+    if chain and args.init == f"{args.out_dir}/{chain[-1]}/ckpt.pt":
+        runs += [stage_args(args, m) for m in chain]
+    return [r for r in runs if r.out != args.out] + [args]
+
+
+def rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def setup_ddp(args):
+    """torchrun sets RANK: one process per GPU (nccl) or per CPU worker (gloo), nanoGPT's way."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        cuda = args.device.startswith("cuda")
+        if cuda:  # "cuda" then means this process's GPU, for every run of the pipeline
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return rank_world()
+
+
 def prepare_data(args):
-    """The tokenizer and the train/test token caches, built on first use."""
+    """The tokenizer and the train/test token caches, built on first use (by rank 0 under torchrun)."""
+    rank, world = rank_world()
+    if rank > 0:
+        dist.barrier()  # wait for rank 0 to build what is missing
     if not Path(args.tokenizer).exists():
-        print(f"no tokenizer at {args.tokenizer}: training one (about 3 minutes on 2 CPU cores)")
+        print(f"no tokenizer at {args.tokenizer}: training one (about 2 minutes on 2 CPU cores)")
         tok.build(args.tokenizer, args.data_dir)
     tokenizer = tok.load_tokenizer(args.tokenizer)
     splits = {}
@@ -265,6 +273,8 @@ def prepare_data(args):
                                              lambda x: tokenizer.encode(x).cpu().numpy(), tokenizer.fingerprint)
         splits[split] = (torch.from_numpy(np.asarray(codes, np.int64).reshape(len(codes), -1)),
                          torch.from_numpy(np.asarray(labels)), data_fp)
+    if rank == 0 and world > 1:
+        dist.barrier()
     return tokenizer, splits
 
 
@@ -289,32 +299,12 @@ def lr_at(step, args):
     return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-@torch.no_grad()
-def held_out(model, codes, labels, teacher=None, batch_size=500):
-    """Test NLL per code (nats) and, with a teacher, KL(p_T || p_model) per code on the same data
-    contexts: how far the student is from what it is taught."""
-    was_training = model.training
-    model.eval()
-    nll = kl = 0.0
-    for i in range(0, len(codes), batch_size):
-        x, y = codes[i:i + batch_size], labels[i:i + batch_size]
-        logits = model(x, y)  # (B, T, V)
-        nll += F.cross_entropy(logits.flatten(0, 1), x.flatten(), reduction="sum").item()
-        if teacher is not None:
-            kl += kd_loss(logits, teacher(x, y)).item() * x.numel()
-    model.train(was_training)
-    out = {"test_nll": nll / codes.numel()}
-    if teacher is not None:
-        out["test_kl"] = kl / codes.numel()
-    return out
-
-
 def load_parent(path, role, fingerprints, device):
     """A teacher or starting student, refused unless built on the same tokenizer and data."""
     if not Path(path).exists():
-        raise SystemExit(f"no {role} at {path}: train it first (python distill.py --method "
-                         f"{'ce --size teacher' if role == 'teacher' else Path(path).parent.name}) or pass "
-                         f"--{'teacher' if role == 'teacher' else 'init'} PATH")
+        flag = "teacher" if role == "teacher" else "init"
+        raise SystemExit(f"no {role} at {path}: pass an existing checkpoint as --{flag}, or drop --{flag} "
+                         f"and the pipeline builds one")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     theirs = ckpt.get("fingerprints", {})
     for key in ("tokenizer", "data"):
@@ -345,8 +335,7 @@ def save_checkpoint(path, model, optimizer, step, args, fingerprints, metrics):
 
 def method_loss(args, step_fn, model, teacher, codes, labels, groups, g):
     """One step of one method: where its contexts come from, then which divergence. codes (B, T) are
-    data (or, for seqkd, teacher samples); g is the step's random generator."""
-    labels = model.drop_labels(labels)  # teacher and student see the same (possibly null) labels
+    data (or, for seqkd, teacher samples), labels after label dropout; g is the step's random generator."""
     mask = torch.ones_like(codes, dtype=torch.bool)  # (B, T): the supervised positions
     rollout = args.method in ("onpolicy", "varkd") and torch.rand(1, generator=g, device=g.device).item() < args.lam
     if rollout:
@@ -372,11 +361,43 @@ def method_loss(args, step_fn, model, teacher, codes, labels, groups, g):
     return loss
 
 
-def main(argv=None):
-    args = get_args(argv)
-    torch.manual_seed(args.seed)
+def existing_run(args, fingerprints, config, role):
+    """The checkpoint at args.out to reuse or continue, or None to start. Refuses one built from
+    other inputs, of another size or, for the run asked for, with other flags; a parent the
+    pipeline needs is continued with the flags it was started with."""
+    if not Path(args.out).exists():
+        return None
+    try:
+        ckpt = torch.load(args.out, map_location="cpu", weights_only=True)
+        theirs = ckpt["fingerprints"]
+    except Exception:
+        raise SystemExit(f"{args.out} exists and is not a checkpoint of distill.py: pass --out elsewhere "
+                         f"(nothing is overwritten)") from None
+    for key in sorted(set(theirs) | set(fingerprints)):
+        if theirs.get(key) != fingerprints.get(key):
+            raise SystemExit(f"{args.out} was built from another {key} ({theirs.get(key)}, now "
+                             f"{fingerprints.get(key)}): delete it to rebuild it, or pass --out elsewhere")
+    if ckpt["config"] != asdict(config):
+        c = ckpt["config"]
+        raise SystemExit(f"{args.out} holds a {c['n_layer']}-layer model of width {c['dim']}, not --size "
+                         f"{args.size} ({config.n_layer} x {config.dim}): pass the --size it was trained with, "
+                         f"or --out elsewhere")
+    differs = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} (now {getattr(args, k)})"
+               for k in RECIPE if ckpt["args"].get(k) != getattr(args, k)]
+    if differs and role is None:
+        raise SystemExit(f"{args.out} was trained with {', '.join(differs)}: pass the same flags to reuse "
+                         f"or continue it, or --out elsewhere (nothing is overwritten)")
+    if ckpt["step"] < ckpt["args"]["max_iters"] and role is None and not args.resume:
+        raise SystemExit(f"{args.out} stopped at step {ckpt['step']} of {ckpt['args']['max_iters']}: pass "
+                         f"--resume to continue it, or --out elsewhere (nothing is overwritten)")
+    return ckpt
+
+
+def train(args, tokenizer, splits, role=None):
+    """One run: args.method into args.out, or reuse / continue what is there. role names a parent the
+    pipeline builds ('teacher', 'no-KD student', ...); None is the run asked for."""
+    rank, world = rank_world()
     device = torch.device(args.device)
-    tokenizer, splits = prepare_data(args)
     (train_codes, train_labels, data_fp), (test_codes, test_labels, _) = splits["train"], splits["test"]
     test_codes, test_labels = test_codes.to(device), test_labels.to(device)
     fingerprints = {"tokenizer": tokenizer.fingerprint, "data": data_fp}
@@ -386,92 +407,133 @@ def main(argv=None):
     if args.method != "ce":
         teacher, fingerprints["teacher"] = load_parent(args.teacher, "teacher", fingerprints, device)
         teacher.requires_grad_(False)
-    if args.method == "varkd" and not args.no_groups:
-        groups = tokenizer.codebook_groups(args.groups or config.vocab_size // 4).to(device)
-    model = GPT(config).to(device)
+    init = None
     if args.init != "none":
         init, fingerprints["init"] = load_parent(args.init, "student", fingerprints, device)
         if asdict(init.config) != asdict(config):
             raise SystemExit(f"{args.init} is not a --size {args.size} model ({init.config}): pass the "
                              f"--size it was trained with")
+    ckpt = existing_run(args, fingerprints, config, role)
+    if ckpt is not None and role is not None:  # a parent runs with the flags it was started with
+        args = argparse.Namespace(**{**vars(args), **{k: ckpt["args"][k] for k in RECIPE}})
+    if ckpt is not None and ckpt["step"] >= args.max_iters:
+        if rank == 0:
+            print(f"{role or args.method} {args.out}: built ({args.method}, {ckpt['step']} steps), reusing it")
+        return ckpt["metrics"]
+    if args.method == "varkd" and not args.no_groups:
+        groups = tokenizer.codebook_groups(args.groups or config.vocab_size // 4).to(device)
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} does not split over {world} processes: pass a multiple of {world}")
+    model = GPT(config).to(device)
+    if init is not None:
         model.load_state_dict(init.state_dict())
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
     start, metrics = 0, {"wall_time": 0.0}
-    if Path(args.out).exists() and not args.resume:
-        raise SystemExit(f"{args.out} exists: pass --resume to continue it, or --out elsewhere "
-                         f"(nothing is overwritten)")
-    if args.resume and Path(args.out).exists():
-        ckpt = torch.load(args.out, map_location="cpu", weights_only=True)
-        if ckpt["fingerprints"] != fingerprints:
-            raise SystemExit(f"{args.out} was built from {ckpt['fingerprints']}, not from the current "
-                             f"{fingerprints}: drop --resume to start over, or pass the --tokenizer, --teacher "
-                             f"and --init it used")
-        if ckpt["config"] != asdict(config):
-            raise SystemExit(f"{args.out} holds a {ckpt['config']} model, not --size {args.size}: "
-                             f"pass the --size it was trained with")
+    n_params = sum(p.numel() for p in model.parameters())
+    what = (f"{args.method}, {args.size} model ({n_params / 1e6:.2f}M parameters), {args.max_iters} steps of "
+            f"{args.batch_size} sequences x {config.block_size} codes -> {args.out}")
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
         start, metrics = ckpt["step"], ckpt["metrics"]
-        print(f"resuming {args.out} at step {start}")
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{args.method}: {args.size} model, {n_params / 1e6:.2f}M parameters, {args.max_iters} steps "
-          f"of {args.batch_size} sequences x {config.block_size} codes -> {args.out}")
-    if teacher is not None and start == 0:
+    if rank == 0 and ckpt is not None:
+        print(f"{args.out} stopped at step {start}: continuing it ({what})")
+    elif rank == 0:
+        stage = "teacher" if role == "teacher" else args.method
+        default = args.size == ("teacher" if role == "teacher" else "student") and args.batch_size == 128
+        about = f", about {MINUTES[stage]} minutes on 2 CPU cores" if default and stage in MINUTES else ""
+        print(f"no {role} at {args.out}: training one ({what}{about})" if role else f"{what}{about}")
+    if teacher is not None and start == 0 and rank == 0:
         metrics["start"] = held_out(model, test_codes, test_labels, teacher)
         print(f"before: test NLL {metrics['start']['test_nll']:.4f}, KL(teacher || student) "
               f"{metrics['start']['test_kl']:.4f} nats/code")
-    step_fn = torch.compile(model) if args.compile else model
+    ddp_model = DDP(model) if world > 1 else model
+    step_fn = torch.compile(ddp_model) if args.compile else ddp_model
+    # bf16 autocast on GPUs (weights, optimizer and evaluation stay fp32); fp32 on CPU, where bf16 buys nothing
+    amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     model.train()
     t0, tokens, pool_id = time.time(), 0, None
-    bar = tqdm(range(start, args.max_iters), initial=start, total=args.max_iters, desc=args.method)
+    bar = tqdm(range(start, args.max_iters), initial=start, total=args.max_iters, desc=args.method, disable=rank > 0)
     for step in bar:
         lr = lr_at(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # every random choice of a step is a pure function of (seed, step): resumable, reproducible
-        g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)
+        # every random choice of a step is a pure function of (seed, step, rank): resumable, reproducible
+        step_seed = args.seed * 1_000_003 + step
+        g = torch.Generator(device).manual_seed(step_seed)
         # where the contexts come from: data, teacher samples (seqkd), or mixed rollouts
-        if args.method == "seqkd":
+        if args.method == "seqkd":  # each rank draws its own pool
             if pool_id != step // args.pool_refresh:
                 pool_id = step // args.pool_refresh
-                pool = teacher_pool(teacher, args.pool_size, config.num_classes, args.pool_cfg,
-                                    args.seed * 1_000_003 + pool_id)
-            idx = batch_indices(step, args.pool_size, args.batch_size, args.seed)
-            codes, labels = pool[0][idx], pool[1][idx]
+                pool = teacher_pool(teacher, args.pool_size // world, config.num_classes, args.pool_cfg,
+                                    (args.seed * 1_000_003 + 10 ** 9 + pool_id) * 1024 + rank)
+            idx = batch_indices(step, args.pool_size // world, args.batch_size // world, args.seed)
+            codes, labels = pool[0][idx], model.drop_labels(pool[1][idx], g)
         else:
+            # label dropout on the global batch, then this rank's slice: N ranks train as one process
+            # would, and the teacher sees the student's (possibly null) labels
             idx = batch_indices(step, len(train_codes), args.batch_size, args.seed)
-            codes, labels = train_codes[idx].to(device), train_labels[idx].to(device)
-        loss = method_loss(args, step_fn, model, teacher, codes, labels, groups, g)
-        if not torch.isfinite(loss):
-            raise SystemExit(f"the loss is {loss.item()} at step {step}: training diverged; the last "
-                             f"good checkpoint {args.out} is kept; lower --lr and --resume")
+            labels = model.drop_labels(train_labels[idx].to(device), g)
+            codes, labels = train_codes[idx].to(device)[rank::world], labels[rank::world]
+        g.manual_seed(step_seed * 1024 + rank + 1)  # this rank's own rollouts
+        with amp:
+            loss = method_loss(args, step_fn, model, teacher, codes, labels, groups, g)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        # the norm of the all-reduced gradients: every rank sees the same one, and stops together
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        if not (torch.isfinite(loss) and torch.isfinite(norm)):
+            raise SystemExit(f"the loss is {loss.item()} (gradient norm {norm.item()}) at step {step}: training "
+                             f"diverged; the last good checkpoint {args.out} is kept; lower --lr and --resume")
         optimizer.step()
-        tokens += codes.numel()
+        tokens += codes.numel() * world
         done = step + 1
         if done % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens / (time.time() - t0):.0f}")
-        if done % args.eval_interval == 0 and done < args.max_iters:
+        if rank == 0 and done % args.eval_interval == 0 and done < args.max_iters:
             m = held_out(model, test_codes[:args.eval_seqs], test_labels[:args.eval_seqs], teacher)
             bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()) +
                       f" nats/code (first {args.eval_seqs} test sequences)")
         if done % args.ckpt_interval == 0 or done == args.max_iters:
             metrics["wall_time"] += time.time() - t0
             tokens, t0 = 0, time.time()
-            if done == args.max_iters:
-                metrics.update(held_out(model, test_codes, test_labels, teacher))
-            metrics["step"] = done
-            save_checkpoint(args.out, model, optimizer, done, args, fingerprints, metrics)
-    if "test_nll" in metrics:
+            if done == args.max_iters and world > 1:  # DDP keeps the ranks equal: check, once
+                weights = [None] * world
+                dist.all_gather_object(weights, fingerprint(*(v.cpu().numpy() for v in model.state_dict().values())))
+                if len(set(weights)) > 1:
+                    raise SystemExit(f"the {world} ranks ended with different weights: a bug, please report it")
+                metrics["ranks_agree"] = world
+            if rank == 0:
+                if done == args.max_iters:
+                    metrics.update(held_out(model, test_codes, test_labels, teacher))
+                metrics["step"] = done
+                save_checkpoint(args.out, model, optimizer, done, args, fingerprints, metrics)
+    if world > 1:
+        dist.barrier()  # the next run of the pipeline reads this checkpoint
+    if rank == 0 and "test_nll" in metrics:
         kl = f", KL(teacher || student) {metrics['test_kl']:.4f}" if "test_kl" in metrics else ""
         print(f"done: test NLL {metrics['test_nll']:.4f}{kl} nats/code on {len(test_codes)} test images, "
               f"{metrics['wall_time'] / 60:.1f} min of training; saved {args.out}")
+    return metrics
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, _ = setup_ddp(args)
+    torch.manual_seed(args.seed + rank)
+    tokenizer, splits = prepare_data(args)
+    for run in pipeline(args):
+        metrics = train(run, tokenizer, splits, role=None if run is args else ROLES[
+            "teacher" if run.out == args.teacher else run.method])
+    if rank == 0:  # the main job's table: every finished model in --out-dir, each measured once
+        paths = [args.teacher] + [f"{args.out_dir}/{m}/ckpt.pt" for m in METHODS] + [args.out]
+        table(paths, tokenizer, *splits["test"][:2], args.teacher, args.device)
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return metrics
 
 

@@ -220,13 +220,13 @@ class GPT(nn.Module):
         """codes (B, T) long, labels (B,) long -> logits (B, T, V); logits[:, t] predicts codes[:, t]."""
         return self._transformer(self._embed(labels, codes[:, :-1]))
 
-    def drop_labels(self, labels):
+    def drop_labels(self, labels, generator=None):
         """In training, each label becomes the null class with probability class_dropout, so that
         one model is also the unconditional model of classifier-free guidance. The training loop
         calls it once per batch: a teacher and its student then see the same labels."""
         if not self.training or self.config.class_dropout == 0:
             return labels
-        dropped = torch.rand(labels.shape, device=labels.device) < self.config.class_dropout
+        dropped = torch.rand(labels.shape, device=labels.device, generator=generator) < self.config.class_dropout
         return torch.where(dropped, self.config.num_classes, labels)
 
     def setup_cache(self, batch_size, dtype=None):

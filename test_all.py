@@ -9,8 +9,12 @@ import functools
 import gzip
 import hashlib
 import http.server
+import os
 import struct
+import subprocess
+import sys
 import threading
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,7 +27,7 @@ import data
 import distill
 import tokenizer as tok
 from model import GPT, PRESETS, GPTConfig, load_checkpoint
-from sample import filtered_probs, generate, sample_logits
+from sample import filtered_probs, generate, mixed_rollout, sample_logits, zipar_schedule
 
 FORMATS = Path(__file__).resolve().parent.parent / "shared" / "formats"
 
@@ -498,22 +502,38 @@ def test_training_lowers_the_held_out_nll(trained_setup):
     assert metrics["test_nll"] < np.log(256) - 0.5  # a zero-initialised head starts at log|V|
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(trained_setup):
-    common = ["--schedule", "constant", "--warmup", "2", "--ckpt-interval", "3"]
-    run_distill(trained_setup, *common, "--max-iters", "6", "--out", str(trained_setup / "full.pt"))
-    run_distill(trained_setup, *common, "--max-iters", "3", "--out", str(trained_setup / "part.pt"))
-    run_distill(trained_setup, *common, "--max-iters", "6", "--out", str(trained_setup / "part.pt"), "--resume")
+def distill_cmd(out, *extra):
+    return [sys.executable, "distill.py", "--out-dir", str(out), "--size", "tiny", "--batch-size", "16",
+            "--eval-interval", "1000", "--eval-seqs", "50", *extra]
+
+
+def test_resume_after_sigkill_gives_the_same_weights_as_an_uninterrupted_run(trained_setup):
+    common = ["--max-iters", "200", "--warmup", "5", "--ckpt-interval", "10"]
+    run_distill(trained_setup, *common, "--out", str(trained_setup / "full.pt"))
+    part = trained_setup / "part.pt"
+    proc = subprocess.Popen(distill_cmd(trained_setup, *common, "--out", str(part)), cwd=Path(__file__).parent,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not part.exists():  # the first checkpoint, at step 10
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.005)
+    proc.kill()  # SIGKILL: no cleanup, no last checkpoint
+    proc.wait()
+    assert torch.load(part, weights_only=True)["step"] < 200
+    with pytest.raises(SystemExit, match=r"stopped at step \d+ of 200: pass --resume"):
+        run_distill(trained_setup, *common, "--out", str(part))
+    run_distill(trained_setup, *common, "--out", str(part), "--resume")
     full = torch.load(trained_setup / "full.pt", weights_only=True)
-    part = torch.load(trained_setup / "part.pt", weights_only=True)
-    assert part["step"] == full["step"] == 6
+    resumed = torch.load(part, weights_only=True)
+    assert resumed["step"] == full["step"] == 200
     for k, v in full["model"].items():
-        assert torch.equal(v, part["model"][k]), k
+        assert torch.equal(v, resumed["model"][k]), k
 
 
 def test_existing_checkpoint_is_never_overwritten_without_resume(trained_setup):
     path = trained_setup / "keep.pt"
     path.write_bytes(b"precious")
-    with pytest.raises(SystemExit, match="exists: pass --resume"):
+    with pytest.raises(SystemExit, match="exists and is not a checkpoint"):
         run_distill(trained_setup, "--max-iters", "2", "--out", str(path))
     assert path.read_bytes() == b"precious"
 
@@ -523,8 +543,32 @@ def test_resume_refuses_a_checkpoint_from_another_tokenizer(trained_setup, tmp_p
     ckpt = torch.load(tmp_path / "a.pt", weights_only=True)
     ckpt["fingerprints"]["tokenizer"] = "0123456789abcdef"
     torch.save(ckpt, tmp_path / "a.pt")
-    with pytest.raises(SystemExit, match="was built from"):
+    with pytest.raises(SystemExit, match="was built from another tokenizer"):
         run_distill(trained_setup, "--max-iters", "4", "--out", str(tmp_path / "a.pt"), "--resume")
+
+
+def test_a_finished_run_is_reused_only_with_the_same_flags(trained_setup, tmp_path, capsys):
+    run_distill(trained_setup, "--max-iters", "2", "--out", str(tmp_path / "a.pt"))
+    before = (tmp_path / "a.pt").stat().st_mtime_ns
+    run_distill(trained_setup, "--max-iters", "2", "--out", str(tmp_path / "a.pt"))
+    assert "reusing it" in capsys.readouterr().out and (tmp_path / "a.pt").stat().st_mtime_ns == before
+    with pytest.raises(SystemExit, match=r"was trained with --max-iters 2 \(now 3\), --lr 0.001 \(now 0.002\)"):
+        run_distill(trained_setup, "--max-iters", "3", "--lr", "2e-3", "--out", str(tmp_path / "a.pt"))
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(trained_setup, tmp_path,
+                                                                                monkeypatch):
+    calls, real = [], distill.method_loss
+
+    def poisoned(*args):
+        calls.append(1)
+        return real(*args) * (float("nan") if len(calls) == 8 else 1.0)
+
+    monkeypatch.setattr(distill, "method_loss", poisoned)
+    with pytest.raises(SystemExit, match="at step 7: training diverged; the last good checkpoint"):
+        run_distill(trained_setup, "--max-iters", "20", "--ckpt-interval", "5", "--out", str(tmp_path / "nan.pt"))
+    ckpt = torch.load(tmp_path / "nan.pt", weights_only=True)
+    assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
 def test_batches_cover_each_epoch_once_and_depend_only_on_the_step():
@@ -618,7 +662,7 @@ def test_entropy_weights_are_one_minus_normalised_entropy_and_truncate_after_fir
 def test_mixed_rollout_keeps_the_prefix_and_samples_only_the_suffix(window):
     model = tiny_model(grid_size=5)  # T = 25
     codes, labels = random_batch(model, B=16)
-    out, mask = distill.mixed_rollout(model, codes, labels, (0.25, 0.75), torch.Generator().manual_seed(0), window)
+    out, mask = mixed_rollout(model, codes, labels, (0.25, 0.75), torch.Generator().manual_seed(0), window)
     T = codes.shape[1]
     k = (~mask).sum(1)  # prefix lengths
     assert torch.equal(mask, torch.arange(T)[None] >= k[:, None])  # mask = exactly the positions >= k
@@ -634,7 +678,7 @@ def test_sequential_rollout_samples_from_the_student_distribution():
     model = tiny_model(grid_size=4)
     codes, labels = random_batch(model, B=1)
     codes, labels = codes.repeat(4000, 1), labels.repeat(4000)
-    out, mask = distill.mixed_rollout(model, codes, labels, (0.5, 0.5), torch.Generator().manual_seed(1))
+    out, mask = mixed_rollout(model, codes, labels, (0.5, 0.5), torch.Generator().manual_seed(1))
     k = int((~mask[0]).sum())
     with torch.no_grad():
         p = model(codes[:1], labels[:1])[0, k].softmax(-1)  # p(code k | class, real prefix)
@@ -644,7 +688,7 @@ def test_sequential_rollout_samples_from_the_student_distribution():
 
 def test_zipar_schedule_covers_every_code_once_and_waits_for_the_row_above():
     grid, window = 7, 4
-    steps = distill.zipar_schedule(grid, 10, window)
+    steps = zipar_schedule(grid, 10, window)
     flat = [p for s in steps for p in s]
     assert sorted(flat) == list(range(10, 49))
     when = {p: i for i, s in enumerate(steps) for p in s}
@@ -676,7 +720,61 @@ def test_each_method_lowers_the_held_out_kl_to_the_teacher(trained_setup, tiny_t
     assert ckpt["fingerprints"]["teacher"] and ckpt["fingerprints"]["tokenizer"]
 
 
-def test_a_missing_parent_is_named_with_the_command_that_builds_it(trained_setup, tiny_teacher):
-    with pytest.raises(SystemExit, match=r"no student at .*kd/ckpt.pt: train it first \(python distill.py --method kd\)"):
+def test_a_missing_parent_you_pass_is_named(trained_setup, tiny_teacher):
+    with pytest.raises(SystemExit, match=r"no student at .*nowhere.pt: pass an existing checkpoint as --init"):
         run_distill(trained_setup, "--method", "varkd", "--teacher", str(tiny_teacher), "--max-iters", "2",
-                    "--out", str(trained_setup / "orphan.pt"))
+                    "--init", str(trained_setup / "nowhere.pt"), "--out", str(trained_setup / "orphan.pt"))
+
+
+def test_parents_from_another_tokenizer_or_size_are_refused(trained_setup, tiny_teacher, tmp_path):
+    ckpt = torch.load(tiny_teacher, weights_only=True)
+    ckpt["fingerprints"]["tokenizer"] = "0123456789abcdef"
+    torch.save(ckpt, tmp_path / "alien.pt")
+    with pytest.raises(SystemExit, match="was built on tokenizer 0123456789abcdef, not on this run's"):
+        run_distill(trained_setup, "--method", "kd", "--teacher", str(tmp_path / "alien.pt"), "--init", "none",
+                    "--max-iters", "2", "--out", str(tmp_path / "kd.pt"))
+    with pytest.raises(SystemExit, match="is not a --size student model"):
+        run_distill(trained_setup, "--method", "kd", "--teacher", str(tiny_teacher), "--init", str(tiny_teacher),
+                    "--size", "student", "--max-iters", "2", "--out", str(tmp_path / "kd.pt"))
+
+
+def test_the_pipeline_builds_every_artifact_once_then_reuses_them(small_tokenizer, tmp_path, capsys):
+    tok.save_tokenizer(small_tokenizer, tmp_path / "tokenizer.pt")  # training one takes minutes
+    argv = ["--method", "varkd", "--out-dir", str(tmp_path), "--size", "tiny", "--teacher-size", "tiny",
+            "--teacher-iters", "20", "--max-iters", "4", "--batch-size", "16", "--eval-seqs", "50"]
+    distill.main(argv)
+    first = capsys.readouterr().out
+    ckpts = [tmp_path / p for p in ("teacher.pt", "ce/ckpt.pt", "kd/ckpt.pt", "varkd/ckpt.pt")]
+    artifacts = ckpts + [p.with_suffix(s) for p in ckpts for s in (".json", ".png")] + \
+        [tmp_path / "tokens" / f"{split}.{s}" for split in ("train", "test") for s in ("codes.npy", "json")]
+    assert all(p.exists() for p in artifacts), [p for p in artifacts if not p.exists()]
+    for role in ("teacher", "no-KD student", "stage-1 KD student"):
+        assert f"no {role} at" in first
+    teacher, ce, kd, varkd = (torch.load(p, weights_only=True) for p in ckpts)
+    assert kd["fingerprints"]["init"] == ce["fingerprint"] and varkd["fingerprints"]["init"] == kd["fingerprint"]
+    assert kd["fingerprints"]["teacher"] == varkd["fingerprints"]["teacher"] == teacher["fingerprint"]
+    assert teacher["step"] == 20 and ce["step"] == kd["step"] == varkd["step"] == 4
+    stamps = {p: p.stat().st_mtime_ns for p in artifacts}
+    distill.main(argv)
+    second = capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in artifacts} == stamps  # nothing rebuilt, nothing re-measured
+    assert second.count("reusing it") == 4 and "training one" not in second
+    table = second[second.index("test NLL"):]
+    assert all(str(p) in table for p in ckpts)
+
+
+def test_torchrun_ranks_agree_and_match_one_process(trained_setup, tiny_teacher, tmp_path):
+    common = ["--max-iters", "3", "--warmup", "1", "--teacher", str(tiny_teacher), "--init", "none"]
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for method in ("ce", "varkd"):
+        result = subprocess.run(run + distill_cmd(trained_setup, *common, "--method", method, "--out",
+                                                  str(tmp_path / f"ddp_{method}.pt"))[1:],
+                                cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert torch.load(tmp_path / f"ddp_{method}.pt", weights_only=True)["metrics"]["ranks_agree"] == 2
+    # two ranks of 8 sequences average to the gradient of one batch of 16
+    run_distill(trained_setup, *common, "--method", "ce", "--out", str(tmp_path / "one.pt"))
+    ddp = torch.load(tmp_path / "ddp_ce.pt", weights_only=True)["model"]
+    for k, v in torch.load(tmp_path / "one.pt", weights_only=True)["model"].items():
+        assert torch.allclose(v, ddp[k], atol=1e-5), k
