@@ -168,12 +168,13 @@ def get_args(argv=None, **stage):
     kd.add_argument("--pool-cfg", type=float, default=1.0, help="seqkd: CFG scale of the teacher's samples "
                     "(default: 1.0, the teacher's own distribution)")
     p.add_argument("--max-iters", type=int, help="optimizer steps of this run and of the student runs "
-                   "the pipeline builds first (default: --teacher-iters for the teacher, 1000 otherwise)")
+                   "the pipeline builds first (default: --teacher-iters for the teacher, 500 otherwise)")
     p.add_argument("--teacher-size", default="teacher", help="preset of the teacher the pipeline trains when "
                    "--teacher is missing (default: teacher)")
-    p.add_argument("--teacher-iters", type=int, default=1500, help="its optimizer steps (default: 1500)")
+    p.add_argument("--teacher-iters", type=int, default=600, help="its optimizer steps (default: 600)")
     p.add_argument("--batch-size", type=int, default=128, help="sequences per step (default: 128)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3 for ce, from scratch; 1e-3 "
+                   "for the KD methods, which start from a trained student)")
     p.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine floor as a fraction of "
                    "--lr (default: 0.1)")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: 100)")
@@ -212,7 +213,8 @@ def get_args(argv=None, **stage):
     args.beta = args.beta if args.beta is not None else (1.0 if args.method == "varkd" else 0.5)
     if isinstance(args.prefix_frac, str):
         args.prefix_frac = tuple(float(x) for x in args.prefix_frac.split(","))
-    args.max_iters = args.max_iters or (args.teacher_iters if args.out == args.teacher else 1000)
+    args.max_iters = args.max_iters or (args.teacher_iters if args.out == args.teacher else 500)
+    args.lr = args.lr or (3e-3 if args.method == "ce" else 1e-3)
     args.shared = {**{k: getattr(args, k) for k in SHARED}, "max_iters": max_iters}
     return args
 

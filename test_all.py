@@ -552,7 +552,7 @@ def test_a_finished_run_is_reused_only_with_the_same_flags(trained_setup, tmp_pa
     before = (tmp_path / "a.pt").stat().st_mtime_ns
     run_distill(trained_setup, "--max-iters", "2", "--out", str(tmp_path / "a.pt"))
     assert "reusing it" in capsys.readouterr().out and (tmp_path / "a.pt").stat().st_mtime_ns == before
-    with pytest.raises(SystemExit, match=r"was trained with --max-iters 2 \(now 3\), --lr 0.001 \(now 0.002\)"):
+    with pytest.raises(SystemExit, match=r"was trained with --max-iters 2 \(now 3\), --lr 0.003 \(now 0.002\)"):
         run_distill(trained_setup, "--max-iters", "3", "--lr", "2e-3", "--out", str(tmp_path / "a.pt"))
 
 
