@@ -1,5 +1,6 @@
 """Speed figures, printed as tables: training tokens/s and sampling images/s per model size; one
-training step of each distillation method as a ratio to kd; rollouts with and without ZipAR.
+training step of each distillation method as a ratio to kd; rollouts with and without ZipAR; the
+Frechet distance against scipy's sqrtm formula and the feature extractors' images/s.
 
     python bench.py                      # default teacher and student sizes, batch 64, CPU
     python bench.py --device cuda --sizes B,L --batch-size 32
@@ -13,10 +14,12 @@ import argparse
 import statistics
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import distill
+import evaluate
 from model import GPT, PRESETS, GPTConfig
 from sample import generate, mixed_rollout
 
@@ -49,6 +52,7 @@ def main():
     p.add_argument("--student", default="student", help="student preset of the method rows (default: student)")
     p.add_argument("--method-steps", type=int, default=20, help="steps averaged per method (default: 20)")
     p.add_argument("--no-methods", action="store_true", help="skip the per-method table")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation figures")
     args = p.parse_args()
     device = torch.device(args.device)
     B = args.batch_size
@@ -76,9 +80,10 @@ def main():
         n = sum(p.numel() for p in model.parameters())
         print(f"{size:>8} {n / 1e6:>7.2f}M {B * config.block_size / t_train:>12,.0f} {B / t_cache:>13.1f} "
               f"{B / t_plain:>9.1f} {t_plain / t_cache:>14.1f}x")
-    if args.no_methods:
-        return
-    methods(args, device)
+    if not args.no_methods:
+        methods(args, device)
+    if not args.no_eval:
+        evaluation(args, device)
 
 
 def methods(args, device):
@@ -125,3 +130,31 @@ def methods(args, device):
 
 if __name__ == "__main__":
     main()
+
+
+def evaluation(args, device):
+    """The Frechet distance at 2048-d against scipy's sqrtm formula, and features/s of the two
+    extractors (random weights: speed does not depend on them)."""
+    from scipy import linalg
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(4096, 2048)), rng.normal(size=(4096, 2048)) * 0.9 + 0.1
+    (mu1, s1), (mu2, s2) = evaluate.gaussian(a), evaluate.gaussian(b)
+
+    def sqrtm_formula():
+        covmean = linalg.sqrtm(s1 @ s2).real
+        return (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+
+    t0 = time.perf_counter()
+    reference = sqrtm_formula()
+    t_sqrtm = time.perf_counter() - t0
+    t_ours = timed(lambda: evaluate.frechet_distance(mu1, s1, mu2, s2), torch.device("cpu"), args.repeats)
+    ours = evaluate.frechet_distance(mu1, s1, mu2, s2)
+    print(f"\nFrechet distance at 2048-d: eigh {t_ours:.2f} s, scipy sqrtm {t_sqrtm:.2f} s "
+          f"({t_sqrtm / t_ours:.1f}x), relative difference {abs(ours - reference) / reference:.1e}")
+    images = torch.randint(0, 256, (args.batch_size, 28, 28, 1), dtype=torch.uint8).numpy()
+    for name, model, channels in (("classifier (28 px)", evaluate.Classifier(), None),
+                                  ("FID Inception (299 px)", evaluate.InceptionV3(), 3)):
+        model = model.to(device).eval()
+        t = timed(lambda: evaluate.extract(model, images, args.batch_size, device, channels), device,
+                  max(1, args.repeats // 2))
+        print(f"{name:>24}: {args.batch_size / t:,.0f} images/s")

@@ -123,7 +123,7 @@ RECIPE = ("method", "size", "max_iters", "batch_size", "lr", "min_lr_frac", "war
           "grad_clip", "seed", "tau", "ce_weight", "lam", "beta", "prefix_frac", "threshold", "no_entropy_weights",
           "no_truncation", "no_groups", "groups", "no_parallel", "window", "pool_size", "pool_refresh", "pool_cfg")
 ROLES = {"teacher": "teacher", "ce": "no-KD student", "kd": "stage-1 KD student"}
-MINUTES = {"teacher": 8, "ce": 2, "kd": 3, "seqkd": 4, "onpolicy": 3, "varkd": 4}  # default sizes, 2 CPU cores
+MINUTES = {"teacher": 8, "ce": 2, "kd": 3, "seqkd": 4, "onpolicy": 3, "varkd": 6}  # default sizes, 2 CPU cores
 
 
 def get_args(argv=None, **stage):
@@ -168,7 +168,7 @@ def get_args(argv=None, **stage):
     kd.add_argument("--pool-cfg", type=float, default=1.0, help="seqkd: CFG scale of the teacher's samples "
                     "(default: 1.0, the teacher's own distribution)")
     p.add_argument("--max-iters", type=int, help="optimizer steps of this run and of the student runs "
-                   "the pipeline builds first (default: --teacher-iters for the teacher, 500 otherwise)")
+                   "the pipeline builds first (default: --teacher-iters for the teacher, 400 otherwise)")
     p.add_argument("--teacher-size", default="teacher", help="preset of the teacher the pipeline trains when "
                    "--teacher is missing (default: teacher)")
     p.add_argument("--teacher-iters", type=int, default=600, help="its optimizer steps (default: 600)")
@@ -189,6 +189,9 @@ def get_args(argv=None, **stage):
                    "NLL; the final one uses the whole split (default: 2000)")
     p.add_argument("--ckpt-interval", type=int, default=250, help="steps between checkpoints "
                    "(default: 250)")
+    p.add_argument("--eval-samples", type=int, default=5000, help="samples per model for the final table's "
+                   "FID-cls and friends, 0 = none (default: 5000)")
+    p.add_argument("--eval-cfg", type=float, default=2.0, help="their classifier-free guidance (default: 2.0)")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run at --out (with "
                    "the flags it was started with); the parents the pipeline builds are always continued")
     p.add_argument("--seed", type=int, default=0, help="seed of init, data order and dropout (default: 0)")
@@ -213,7 +216,7 @@ def get_args(argv=None, **stage):
     args.beta = args.beta if args.beta is not None else (1.0 if args.method == "varkd" else 0.5)
     if isinstance(args.prefix_frac, str):
         args.prefix_frac = tuple(float(x) for x in args.prefix_frac.split(","))
-    args.max_iters = args.max_iters or (args.teacher_iters if args.out == args.teacher else 500)
+    args.max_iters = args.max_iters or (args.teacher_iters if args.out == args.teacher else 400)
     args.lr = args.lr or (3e-3 if args.method == "ce" else 1e-3)
     args.shared = {**{k: getattr(args, k) for k in SHARED}, "max_iters": max_iters}
     return args
@@ -533,7 +536,7 @@ def main(argv=None):
             "teacher" if run.out == args.teacher else run.method])
     if rank == 0:  # the main job's table: every finished model in --out-dir, each measured once
         paths = [args.teacher] + [f"{args.out_dir}/{m}/ckpt.pt" for m in METHODS] + [args.out]
-        table(paths, tokenizer, *splits["test"][:2], args.teacher, args.device)
+        table(paths, tokenizer, *splits["test"][:2], args)
     if dist.is_initialized():
         dist.destroy_process_group()
     return metrics

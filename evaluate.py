@@ -1,16 +1,452 @@
-"""Evaluation of class-conditional AR image models: held-out NLL per code, KL(teacher || model) on
-held-out data, and a sample grid per checkpoint, cached beside it (<ckpt>.json, <ckpt>.png). The
-main job (distill.py) prints one table line per model from here.
+"""Evaluation of class-conditional AR image models: FID with the bundled FID Inception, FID-cls with
+an in-domain classifier, and on the same feature pass KID, precision/recall, Inception Score and
+class accuracy; held-out NLL and KL to the teacher; the main job's table.
+
+    python evaluate.py out/varkd/ckpt.pt                  # 10000 samples drawn, FID-cls and friends
+    python evaluate.py out/varkd/ckpt.pt --features inception --inception-weights pt_inception-2015-12-05-6726825d.pth
+    python evaluate.py samples.npz                        # arr_0: uint8 (N, H, W, C), as ADM and LlamaGen write
+    python evaluate.py folder_of_pngs/
+
+Every figure is named by its features: "FID" with the FID Inception (pytorch-fid's 2015-12-05
+weights; the architecture is written here), "FID-cls" with a small CNN trained on the dataset's
+training split (<out-dir>/classifier.pt, trained once). There is no fallback from one to the other.
+Reference features of the real test split are computed once and cached by fingerprint
+(<out-dir>/ref/). Results go to metrics.json beside the target.
 """
+import argparse
 import json
+import os
+import time
+from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
 
-from data import atomic_write, fingerprint, save_grid
+from data import atomic_write, download, fingerprint, load_fashion_mnist, save_grid
 from model import load_checkpoint
 from sample import generate
+from tokenizer import load_tokenizer
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics on features. real/fake are (N, D) arrays; logits (N, K).
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2) (Heusel et al. 2017). The eigenvalues of
+    S1 S2 are those of the symmetric PSD matrix S1^1/2 S2 S1^1/2, so the trace of the square root is
+    the sum of their square roots: two symmetric eigendecompositions instead of scipy's sqrtm (a
+    Schur decomposition, many times slower at 2048-d)."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    w, U = np.linalg.eigh(sigma1)
+    root1 = (U * np.sqrt(w.clip(0))) @ U.T
+    m = root1 @ sigma2 @ root1
+    eig = np.linalg.eigvalsh((m + m.T) / 2)
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(eig.clip(0)).sum())
+
+
+def gaussian(feats):
+    feats = np.asarray(feats, np.float64)
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+def kid(real, fake, subsets=100, subset_size=1000, seed=0):
+    """Kernel Inception Distance (Binkowski et al. 2018): the unbiased MMD^2 with the cubic kernel
+    k(x, y) = (x.y / d + 1)^3, on `subsets` random pairs of subsets. Returns (mean, std)."""
+    real, fake = torch.as_tensor(np.asarray(real), dtype=torch.float32), torch.as_tensor(np.asarray(fake), dtype=torch.float32)
+    m, d = min(subset_size, len(real), len(fake)), real.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(subsets):
+        x = real[torch.randperm(len(real), generator=g)[:m]]
+        y = fake[torch.randperm(len(fake), generator=g)[:m]]
+        kxx, kyy, kxy = ((a @ b.T / d + 1).double() ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        off_diagonal = (kxx.sum() - kxx.diagonal().sum() + kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+        values.append(off_diagonal - 2 * kxy.mean())
+    values = torch.stack(values)
+    return values.mean().item(), values.std().item()
+
+
+def precision_recall(real, fake, k=3, batch_size=1000):
+    """Improved precision and recall (Kynkaanniemi et al. 2019). A point is inside a set's manifold
+    when it is within the distance from some member of the set to that member's k-th nearest
+    neighbour. Precision: the fraction of fakes inside the real manifold; recall: of reals inside the fake one."""
+    real, fake = torch.as_tensor(np.asarray(real), dtype=torch.float32), torch.as_tensor(np.asarray(fake), dtype=torch.float32)
+
+    def radii(x):  # k + 1: the nearest neighbour of a point in its own set is itself
+        return torch.cat([torch.cdist(x[i:i + batch_size], x).kthvalue(k + 1, 1).values
+                          for i in range(0, len(x), batch_size)])
+
+    def inside(points, ref, r):
+        return torch.cat([(torch.cdist(points[i:i + batch_size], ref) <= r).any(1)
+                          for i in range(0, len(points), batch_size)]).float().mean().item()
+
+    return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
+
+
+def inception_score(logits, splits=10):
+    """exp(E_x KL(p(y|x) || p(y))) on each of `splits` parts (Salimans et al. 2016): (mean, std)."""
+    logp = torch.as_tensor(np.asarray(logits), dtype=torch.float64).log_softmax(-1)
+    scores = []
+    for part in logp.chunk(splits):
+        log_py = part.exp().mean(0).log()
+        scores.append((part.exp() * (part - log_py)).sum(1).mean().exp())
+    scores = torch.stack(scores)
+    return scores.mean().item(), (scores.std().item() if len(scores) > 1 else 0.0)
+
+
+def metrics(real, fake, logits, labels=None, suffix=""):
+    """Every figure of one feature pass, each named by its features (suffix "-cls" or "")."""
+    out = {"FID": frechet_distance(*gaussian(real), *gaussian(fake))}
+    out["KID"], out["KID_std"] = kid(real, fake)
+    out["precision"], out["recall"] = precision_recall(real, fake)
+    out["IS"], out["IS_std"] = inception_score(logits)
+    if labels is not None:  # does the classifier agree with the class the sample was drawn for
+        out["class_acc"] = float((np.asarray(logits).argmax(1) == np.asarray(labels)).mean())
+    return {f"{k}{suffix}": v for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# The in-domain classifier (FID-cls): a small CNN trained on the training split.
+
+
+class Classifier(nn.Module):
+    """Three conv blocks (two of them halving the side), then a 128-d layer on the flattened map:
+    its output is the FID-cls feature, a linear head gives the class logits. forward(x, logits=False)
+    takes floats (N, C, H, W) in [0, 1], as InceptionV3 does."""
+
+    def __init__(self, in_channels=1, num_classes=10, image_size=28, width=32):
+        super().__init__()
+        blocks, c = [], in_channels
+        for i, out in enumerate((width, 2 * width, 4 * width)):
+            blocks += [nn.Conv2d(c, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+            blocks += [nn.MaxPool2d(2)] if i < 2 else []
+            c = out
+        side = image_size // 4  # a flattened map keeps where things are: garments differ by shape
+        self.features = nn.Sequential(*blocks, nn.Flatten(), nn.Linear(c * side * side, 128), nn.ReLU())
+        self.head = nn.Linear(128, num_classes)
+
+    def forward(self, x, logits=False):
+        f = self.features(x * 2 - 1)
+        return (f, self.head(f)) if logits else f
+
+
+def as_input(images, channels=None):
+    """uint8 (N, H, W, C) -> float (N, C, H, W) in [0, 1]; grey replicated when channels=3."""
+    x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 255
+    return x.expand(-1, 3, -1, -1) if channels == 3 and x.shape[1] == 1 else x
+
+
+def train_classifier(images, labels, test_images, test_labels, epochs=2, batch_size=128, lr=2e-3, seed=0):
+    """AdamW with a one-cycle schedule; returns (model, test accuracy)."""
+    torch.manual_seed(seed)
+    model = Classifier(images.shape[-1], int(labels.max()) + 1, images.shape[1])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    steps = epochs * (len(images) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.as_tensor(labels)
+    model.train()
+    for step in (bar := tqdm(range(steps), desc="classifier")):
+        idx = torch.randint(len(images), (batch_size,), generator=g)
+        x = as_input(images[idx.numpy()])
+        loss = F.cross_entropy(model(x, logits=True)[1], labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    _, logits = extract(model.eval(), test_images)
+    return model, float((logits.argmax(1) == np.asarray(test_labels)).mean())
+
+
+def load_classifier(out_dir, data_dir):
+    """<out_dir>/classifier.pt, trained on Fashion-MNIST's training split the first time (about a
+    minute on 2 CPU cores); refused if the data it was trained on differ."""
+    path = Path(out_dir) / "classifier.pt"
+    train_images, train_labels = load_fashion_mnist("train", data_dir)
+    data_fp = fingerprint(train_images, train_labels)
+    if not path.exists():
+        print(f"no classifier at {path}: training one for FID-cls (about a minute on 2 CPU cores)")
+        test_images, test_labels = load_fashion_mnist("test", data_dir)
+        model, acc = train_classifier(train_images, train_labels, test_images, test_labels)
+        print(f"classifier: test accuracy {acc:.4f}")
+        state = {"model": model.state_dict(), "in_channels": train_images.shape[-1], "image_size": train_images.shape[1],
+                 "num_classes": int(train_labels.max()) + 1, "data": data_fp, "test_accuracy": acc}
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt["data"] != data_fp:
+        raise SystemExit(f"{path} was trained on other data ({ckpt['data']}, now {data_fp}): delete it to retrain it")
+    model = Classifier(ckpt["in_channels"], ckpt["num_classes"], ckpt["image_size"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------
+# The FID Inception: pytorch-fid's port of the TF graph inception-2015-12-05 that the FID paper used.
+
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
+FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+
+
+def conv_bn(cin, cout, kernel, stride=1, padding=0):
+    """The graph's unit (torchvision's BasicConv2d): conv without bias, BatchNorm with TF's eps, ReLU."""
+    return nn.Sequential(OrderedDict(conv=nn.Conv2d(cin, cout, kernel, stride, padding, bias=False),
+                                     bn=nn.BatchNorm2d(cout, eps=0.001), relu=nn.ReLU(inplace=True)))
+
+
+def tf_avg_pool(x):
+    # TF's average pool divides by the pixels inside the image, so the zero padding must not count
+    # (torchvision's blocks count it; that and Mixed_7c's max pool are the FID variant's changes).
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    """Mixed_5b..5d (35x35): 1x1, 5x5, double 3x3 and pool branches."""
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = conv_bn(cin, 64, 1)
+        self.branch5x5_1, self.branch5x5_2 = conv_bn(cin, 48, 1), conv_bn(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = conv_bn(cin, 64, 1)
+        self.branch3x3dbl_2 = conv_bn(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = conv_bn(96, 96, 3, padding=1)
+        self.branch_pool = conv_bn(cin, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(tf_avg_pool(x))], 1)
+
+
+class InceptionB(nn.Module):
+    """Mixed_6a: 35x35 -> 17x17."""
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = conv_bn(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = conv_bn(cin, 64, 1)
+        self.branch3x3dbl_2 = conv_bn(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = conv_bn(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionC(nn.Module):
+    """Mixed_6b..6e (17x17): 7x7 convs factored into 1x7 and 7x1."""
+    def __init__(self, cin, c7):
+        super().__init__()
+        row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
+        self.branch1x1 = conv_bn(cin, 192, 1)
+        self.branch7x7_1 = conv_bn(cin, c7, 1)
+        self.branch7x7_2, self.branch7x7_3 = conv_bn(c7, c7, **row), conv_bn(c7, 192, **col)
+        self.branch7x7dbl_1 = conv_bn(cin, c7, 1)
+        self.branch7x7dbl_2, self.branch7x7dbl_3 = conv_bn(c7, c7, **col), conv_bn(c7, c7, **row)
+        self.branch7x7dbl_4, self.branch7x7dbl_5 = conv_bn(c7, c7, **col), conv_bn(c7, 192, **row)
+        self.branch_pool = conv_bn(cin, 192, 1)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        b7dbl = self.branch7x7dbl_1(x)
+        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+            b7dbl = conv(b7dbl)
+        return torch.cat([self.branch1x1(x), b7, b7dbl, self.branch_pool(tf_avg_pool(x))], 1)
+
+
+class InceptionD(nn.Module):
+    """Mixed_7a: 17x17 -> 8x8."""
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1, self.branch3x3_2 = conv_bn(cin, 192, 1), conv_bn(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = conv_bn(cin, 192, 1)
+        self.branch7x7x3_2 = conv_bn(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = conv_bn(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = conv_bn(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):
+    """Mixed_7b, 7c (8x8): 3x3 convs split into parallel 1x3 and 3x1 whose outputs are stacked."""
+    def __init__(self, cin, max_pool=False):
+        super().__init__()
+        row, col = dict(kernel=(1, 3), padding=(0, 1)), dict(kernel=(3, 1), padding=(1, 0))
+        self.branch1x1 = conv_bn(cin, 320, 1)
+        self.branch3x3_1 = conv_bn(cin, 384, 1)
+        self.branch3x3_2a, self.branch3x3_2b = conv_bn(384, 384, **row), conv_bn(384, 384, **col)
+        self.branch3x3dbl_1, self.branch3x3dbl_2 = conv_bn(cin, 448, 1), conv_bn(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a, self.branch3x3dbl_3b = conv_bn(384, 384, **row), conv_bn(384, 384, **col)
+        self.branch_pool = conv_bn(cin, 192, 1)
+        # The 2015 graph max-pools in Mixed_7c's pool branch (other Inceptions average): the
+        # weights were trained so, hence FID depends on it.
+        self.max_pool = max_pool
+
+    def forward(self, x):
+        b3, b3dbl = self.branch3x3_1(x), self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else tf_avg_pool(x)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl), self.branch_pool(pool)], 1)
+
+
+class InceptionV3(nn.Module):
+    """The FID Inception, without weights (load_inception gives them); state_dict keys are
+    pytorch-fid's. Grey images: replicate them to 3 channels first (to_inception_input does)."""
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = conv_bn(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = conv_bn(32, 32, 3)
+        self.Conv2d_2b_3x3 = conv_bn(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = conv_bn(64, 80, 1)
+        self.Conv2d_4a_3x3 = conv_bn(80, 192, 3)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
+        self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b, self.Mixed_7c = InceptionE(1280), InceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)  # the graph's 1008 outputs: ImageNet's 1000 classes and unused slots
+
+    def forward(self, x, logits=False):
+        """(N, 3, H, W) in [0, 1] -> (N, 2048) pool features, and the (N, 1008) logits if asked."""
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(2 * x - 1)))  # the graph takes [-1, 1]
+        x = F.max_pool2d(x, 3, stride=2)
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)  # (N, 192, 35, 35)
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
+                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            x = block(x)
+        features = x.mean((2, 3))  # (N, 2048): the global average pool FID is computed on
+        return (features, self.fc(features)) if logits else features
+
+
+def load_inception(path=None, cache_dir=None, url=FID_WEIGHTS_URL, sha256=FID_WEIGHTS_SHA256):
+    """InceptionV3 with pytorch-fid's weights, from `path`, else from the cache (downloaded there
+    once, sha256 checked), in eval mode without gradients."""
+    if path is None:
+        cache_dir = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "vardistill"
+        path = Path(cache_dir).expanduser() / "pt_inception-2015-12-05-6726825d.pth"
+        if not path.exists():
+            download(url, path, sha256)
+    elif not Path(path).exists():
+        raise SystemExit(f"no Inception weights at {path}: check the path, or call load_inception() "
+                         f"without one to download them")
+    model = InceptionV3()
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    except Exception as e:  # a damaged file, another pickle, missing or extra keys, other shapes
+        why = " ".join(str(e).split()).rstrip(".")
+        why = why if len(why) < 400 else why[:400] + " ..."
+        raise SystemExit(f"{path} is not the FID Inception weights ({why}): replace it with {url} "
+                         f"(sha256 {sha256}), or delete it if it is the cached copy") from None
+    return model.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Feature passes, reference statistics, targets.
+
+
+@torch.no_grad()
+def extract(extractor, images, device="cpu", batch_size=200):
+    """uint8 images (N, H, W, C) -> features (N, D) and logits (N, K), float32 numpy. Grey images
+    are replicated to the Inception's three channels."""
+    channels = 3 if isinstance(extractor, InceptionV3) else None
+    feats, logits = [], []
+    for i in tqdm(range(0, len(images), batch_size), desc="features", leave=False):
+        f, z = extractor(as_input(images[i:i + batch_size], channels).to(device), logits=True)
+        feats.append(f.float().cpu())
+        logits.append(z.float().cpu())
+    return torch.cat(feats).numpy(), torch.cat(logits).numpy()
+
+
+def load_extractor(features, out_dir, data_dir, inception_weights=None, device="cpu"):
+    """'cls': the in-domain classifier; 'inception': the FID Inception. Fingerprinted, so that
+    reference features are cached per extractor."""
+    model = load_classifier(out_dir, data_dir) if features == "cls" else load_inception(inception_weights)
+    model.fingerprint = fingerprint(*(v.numpy() for v in model.state_dict().values()))
+    return model.to(device)
+
+
+def reference(extractor, images, cache_dir, device="cpu"):
+    """Features of the real images, computed once: cached in cache_dir by the fingerprints of the
+    extractor's weights and of the images."""
+    path = Path(cache_dir) / f"{fingerprint(extractor.fingerprint, images)}.npz"
+    if not path.exists():
+        feats, logits = extract(extractor, images, device)
+        atomic_write(path, lambda tmp: np.savez(tmp, feats=feats, logits=logits))
+    return np.load(path)["feats"]
+
+
+@torch.no_grad()
+def draw(model, tokenizer, n, cfg_scale=2.0, batch_size=500, seed=0):
+    """n class-balanced samples of a checkpoint: uint8 images (n, H, W, C) and their labels (n,)."""
+    device = next(model.parameters()).device
+    labels = torch.arange(n, device=device) % model.config.num_classes
+    g = torch.Generator(device).manual_seed(seed)
+    grid, images = model.config.grid_size, []
+    for i in tqdm(range(0, n, batch_size), desc="sampling", leave=False):
+        codes = generate(model, labels[i:i + batch_size], cfg_scale, generator=g)
+        codes = codes.view(-1, grid, grid).to(next(tokenizer.parameters()).device)
+        images.append(torch.as_tensor(tokenizer.decode(codes)).cpu())
+    return torch.cat(images).numpy(), labels.cpu().numpy()
+
+
+def load_target(target, args):
+    """A checkpoint (samples drawn), an .npz (arr_0 images, arr_1 labels if present) or a folder
+    of PNGs -> uint8 images (N, H, W, C), labels or None."""
+    path = Path(target)
+    if path.is_dir():
+        files = sorted(path.glob("*.png"))
+        if not files:
+            raise SystemExit(f"{path} holds no .png files: pass a folder of PNG samples, an .npz or a checkpoint")
+        images = np.stack([np.asarray(Image.open(f)) for f in tqdm(files, desc="reading PNGs")])
+        return (images[..., None] if images.ndim == 3 else images), None
+    if path.suffix == ".npz":
+        try:
+            npz = np.load(path)
+            images = npz["arr_0"]
+        except Exception as e:
+            raise SystemExit(f"{path} is not an .npz with uint8 images under arr_0 ({e}): save samples with "
+                             f"np.savez(path, images) as ADM and LlamaGen do") from None
+        return (images[..., None] if images.ndim == 3 else images), (npz["arr_1"] if "arr_1" in npz else None)
+    if not path.exists():
+        raise SystemExit(f"no {path}: pass a checkpoint, an .npz of uint8 images or a folder of PNGs")
+    model = load_checkpoint(path).to(args.device)
+    tokenizer = load_tokenizer(args.tokenizer).to(args.device)
+    made_with = torch.load(path, map_location="cpu", weights_only=True).get("fingerprints", {}).get("tokenizer")
+    if made_with not in (None, tokenizer.fingerprint):
+        raise SystemExit(f"{path} was trained on tokenizer {made_with}, not {args.tokenizer} ({tokenizer.fingerprint}): "
+                         f"pass the --tokenizer it was trained with")
+    return draw(model.eval(), tokenizer, args.n, args.cfg_scale, seed=args.seed)
+
+
+def evaluate_images(images, labels, features, out_dir, data_dir, inception_weights=None, device="cpu"):
+    """All figures of a set of generated images against the real test split."""
+    real, real_labels = load_fashion_mnist("test", data_dir)
+    if images.shape[1:] != real.shape[1:]:
+        raise SystemExit(f"the images are {'x'.join(map(str, images.shape[1:]))} but the reference test split is "
+                         f"{'x'.join(map(str, real.shape[1:]))}: pass images of the dataset's size")
+    if images.dtype != np.uint8:
+        raise SystemExit(f"the images are {images.dtype}, not uint8: pass pixels in 0..255")
+    extractor = load_extractor(features, out_dir, data_dir, inception_weights, device)
+    feats, logits = extract(extractor, images, device)
+    real_feats = reference(extractor, real, Path(out_dir) / "ref", device)
+    suffix = "-cls" if features == "cls" else ""  # every figure is named by its features
+    return metrics(real_feats, feats, logits, labels if features == "cls" else None, suffix)
+
+
+# ------------------------------------------------------------------------------------------------
+# The main job's table (distill.py): one line per model, each measured once.
 
 
 @torch.no_grad()
@@ -33,55 +469,109 @@ def held_out(model, codes, labels, teacher=None, batch_size=500):
     return out
 
 
-@torch.no_grad()
-def sample_grid(model, tokenizer, path, per_class=10, cfg_scale=2.0, seed=0):
-    """One row per class, the same seed for every model so that grids compare at a glance."""
-    device = next(model.parameters()).device
-    classes = model.config.num_classes
-    labels = torch.arange(classes, device=device).repeat_interleave(per_class)
-    codes = generate(model, labels, cfg_scale, generator=torch.Generator(device).manual_seed(seed))
-    grid = model.config.grid_size
-    codes = codes.view(-1, grid, grid).to(next(tokenizer.parameters()).device)
-    images = torch.as_tensor(tokenizer.decode(codes)).cpu().numpy()
-    save_grid(images.reshape(classes, per_class, *images.shape[1:]), path)
+def save_metrics(target, key, line):
+    """metrics.json beside the target holds one entry per target name."""
+    path = Path(target).parent / "metrics.json"
+    entries = json.loads(path.read_text()) if path.exists() else {}
+    entries[Path(target).name] = {"key": key, **line}
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(entries, indent=1)))
 
 
-def report(path, tokenizer, test_codes, test_labels, teacher=None, teacher_fp=""):
-    """The table line of the checkpoint at `path`, computed once: <path>.json holds it with the
-    fingerprints of the weights and of the teacher it was measured against, <path>.png the grid."""
+def cached_metrics(target, key):
+    path = Path(target).parent / "metrics.json"
+    entry = json.loads(path.read_text()).get(Path(target).name, {}) if path.exists() else {}
+    return entry if entry.get("key") == key else None
+
+
+def report(path, tokenizer, test_codes, test_labels, teacher, teacher_fp, args):
+    """The table line of the checkpoint at `path`, computed once and kept in metrics.json with the
+    fingerprints it was measured with, and a grid of samples beside it (<path>.png): ten per class,
+    the first of the same sampling seed for every model."""
     path = Path(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     weights_fp = ckpt.get("fingerprint") or fingerprint(*(v.numpy() for v in ckpt["model"].values()))
-    key = fingerprint(weights_fp, teacher_fp)
-    cache = path.with_suffix(".json")
-    if cache.exists() and path.with_suffix(".png").exists():
-        line = json.loads(cache.read_text())
-        if line.get("key") == key:
-            return line
-    model = load_checkpoint(path).to(test_codes.device)
-    line = {"key": key, "params": sum(p.numel() for p in model.parameters()), "steps": ckpt["step"],
-            "wall_time": ckpt["metrics"].get("wall_time", 0.0),
-            **held_out(model, test_codes, test_labels, teacher), "samples": str(path.with_suffix(".png"))}
-    sample_grid(model, tokenizer, path.with_suffix(".png"))
-    atomic_write(cache, lambda tmp: Path(tmp).write_text(json.dumps(line, indent=1)))
-    return line
+    key = fingerprint(weights_fp, teacher_fp, args.eval_samples, args.eval_cfg, args.seed)
+    line = cached_metrics(path, key)
+    if line is not None and path.with_suffix(".png").exists():
+        return line
+    device = test_codes.device
+    model = load_checkpoint(path).to(device).eval()
+    classes = model.config.num_classes
+    t0 = time.time()
+    images, labels = draw(model, tokenizer, max(args.eval_samples, 10 * classes), args.eval_cfg, seed=args.seed)
+    # the test NLL and KL were measured at the end of training, against this teacher (its fingerprint
+    # is the checkpoint's): measured here only when missing, the teacher's KL to itself is 0
+    held = {k: ckpt["metrics"][k] for k in ("test_nll", "test_kl") if k in ckpt["metrics"]}
+    if teacher is not None and weights_fp == teacher_fp:
+        held["test_kl"] = 0.0
+    if "test_nll" not in held or ("test_kl" not in held and teacher is not None):
+        held = held_out(model, test_codes, test_labels, teacher)
+    line = {"params": sum(p.numel() for p in model.parameters()), "steps": ckpt["step"],
+            "wall_time": ckpt["metrics"].get("wall_time", 0.0), **held}
+    if args.eval_samples > 0:
+        line.update(evaluate_images(images, labels, "cls", args.out_dir, args.data_dir, device=device))
+    line.update(eval_time=time.time() - t0, samples=str(path.with_suffix(".png")))
+    order = np.argsort(labels[:10 * classes], kind="stable")  # labels cycle through the classes
+    save_grid(images[order].reshape(classes, 10, *images.shape[1:]), path.with_suffix(".png"))
+    save_metrics(path, key, line)
+    return {"key": key, **line}
 
 
-def table(paths, tokenizer, test_codes, test_labels, teacher_path, device="cpu"):
-    """Print one line per finished checkpoint in `paths` (duplicates and unfinished runs skipped)."""
+def table(paths, tokenizer, test_codes, test_labels, args):
+    """Print one line per finished checkpoint in `paths` (duplicates and unfinished runs skipped);
+    args: teacher, out_dir, data_dir, eval_samples, eval_cfg, seed, device."""
+    device = torch.device(args.device)
     test_codes, test_labels = test_codes.to(device), test_labels.to(device)
     teacher, teacher_fp = None, ""
-    if Path(teacher_path).exists():
-        teacher = load_checkpoint(teacher_path).to(device)
-        teacher_fp = torch.load(teacher_path, map_location="cpu", weights_only=True).get("fingerprint", "")
-    print(f"\n{'model':<28} {'params':>8} {'steps':>6} {'test NLL':>9} {'KL(T||m)':>9} {'train min':>9}  samples")
+    if Path(args.teacher).exists():
+        teacher = load_checkpoint(args.teacher).to(device)
+        teacher_fp = torch.load(args.teacher, map_location="cpu", weights_only=True).get("fingerprint", "")
+    cols = ("FID-cls", "KID-cls", "precision-cls", "recall-cls", "IS-cls", "class_acc-cls")
+    print(f"\n{'model':<22} {'params':>7} {'steps':>5} {'NLL':>6} {'KL(T|m)':>7} {'FID-cls':>7} {'KID-cls':>7} "
+          f"{'prec':>5} {'recall':>6} {'IS-cls':>6} {'acc':>5} {'train':>6}  samples")
+    lines = {}
     for path in dict.fromkeys(str(p) for p in paths):
         if not Path(path).exists():
             continue
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if ckpt.get("step") != ckpt.get("args", {}).get("max_iters"):
             continue
-        line = report(path, tokenizer, test_codes, test_labels, teacher, teacher_fp)
-        kl = f"{line['test_kl']:>9.4f}" if "test_kl" in line else f"{'-':>9}"
-        print(f"{path:<28} {line['params'] / 1e6:>7.2f}M {line['steps']:>6} {line['test_nll']:>9.4f} {kl} "
-              f"{line['wall_time'] / 60:>9.1f}  {line['samples']}")
+        m = lines[path] = report(path, tokenizer, test_codes, test_labels, teacher, teacher_fp, args)
+        figures = [f"{m['test_kl']:.4f}" if "test_kl" in m else "-"] + [f"{m[c]:.4f}" if c in m else "-" for c in cols]
+        print(f"{path:<22} {m['params'] / 1e6:>6.2f}M {m['steps']:>5} {m['test_nll']:>6.3f} " +
+              " ".join(f"{f:>{w}}" for f, w in zip(figures, (7, 7, 7, 5, 6, 6, 5))) +
+              f" {m['wall_time'] / 60:>5.1f}m  {m['samples']}")
+    print(f"(NLL and KL(teacher || model) in nats per code on the test split; the -cls figures on "
+          f"{args.eval_samples} samples at CFG {args.eval_cfg} against the test split; train: wall time)")
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", help="a checkpoint, an .npz of uint8 images (arr_0) or a folder of PNGs")
+    p.add_argument("--features", default="cls", choices=["cls", "inception"], help="cls: the in-domain "
+                   "classifier (FID-cls, offline); inception: the FID Inception (FID) (default: cls)")
+    p.add_argument("--n", type=int, default=10000, help="samples drawn from a checkpoint, class-balanced (default: 10000)")
+    p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance of the samples (default: 2.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--tokenizer", default="out/tokenizer.pt", help="the checkpoint's tokenizer (default: out/tokenizer.pt)")
+    p.add_argument("--out-dir", default="out", help="where the classifier and reference features live (default: out)")
+    p.add_argument("--data-dir", default="data", help="Fashion-MNIST folder (default: data, then the Debian package's)")
+    p.add_argument("--inception-weights", help="pt_inception-2015-12-05-6726825d.pth (default: downloaded once)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    t0 = time.time()
+    images, labels = load_target(args.target, args)
+    result = evaluate_images(images, labels, args.features, args.out_dir, args.data_dir, args.inception_weights,
+                             args.device)
+    result["n"], result["seconds"] = len(images), time.time() - t0
+    key = fingerprint(args.features, len(images), args.cfg_scale, args.seed)
+    save_metrics(Path(args.target), key, result)
+    width = max(map(len, result))
+    for k, v in result.items():
+        print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

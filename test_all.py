@@ -9,6 +9,7 @@ import functools
 import gzip
 import hashlib
 import http.server
+import json
 import os
 import struct
 import subprocess
@@ -25,6 +26,7 @@ from PIL import Image
 
 import data
 import distill
+import evaluate
 import tokenizer as tok
 from model import GPT, PRESETS, GPTConfig, load_checkpoint
 from sample import filtered_probs, generate, mixed_rollout, sample_logits, zipar_schedule
@@ -493,7 +495,7 @@ def trained_setup(tmp_path_factory, small_tokenizer):
 
 def run_distill(out, *extra):
     return distill.main(["--out-dir", str(out), "--size", "tiny", "--batch-size", "16",
-                         "--eval-interval", "1000", "--eval-seqs", "50", *extra])
+                         "--eval-interval", "1000", "--eval-seqs", "50", "--eval-samples", "0", *extra])
 
 
 def test_training_lowers_the_held_out_nll(trained_setup):
@@ -504,7 +506,7 @@ def test_training_lowers_the_held_out_nll(trained_setup):
 
 def distill_cmd(out, *extra):
     return [sys.executable, "distill.py", "--out-dir", str(out), "--size", "tiny", "--batch-size", "16",
-            "--eval-interval", "1000", "--eval-seqs", "50", *extra]
+            "--eval-interval", "1000", "--eval-seqs", "50", "--eval-samples", "0", *extra]
 
 
 def test_resume_after_sigkill_gives_the_same_weights_as_an_uninterrupted_run(trained_setup):
@@ -738,14 +740,17 @@ def test_parents_from_another_tokenizer_or_size_are_refused(trained_setup, tiny_
                     "--size", "student", "--max-iters", "2", "--out", str(tmp_path / "kd.pt"))
 
 
-def test_the_pipeline_builds_every_artifact_once_then_reuses_them(small_tokenizer, tmp_path, capsys):
-    tok.save_tokenizer(small_tokenizer, tmp_path / "tokenizer.pt")  # training one takes minutes
+def test_the_pipeline_builds_every_artifact_once_then_reuses_them(small_tokenizer, quick_classifier, tmp_path,
+                                                                 capsys):
+    tok.save_tokenizer(small_tokenizer, tmp_path / "tokenizer.pt")  # training these two takes minutes
+    (tmp_path / "classifier.pt").write_bytes(quick_classifier.read_bytes())
     argv = ["--method", "varkd", "--out-dir", str(tmp_path), "--size", "tiny", "--teacher-size", "tiny",
-            "--teacher-iters", "20", "--max-iters", "4", "--batch-size", "16", "--eval-seqs", "50"]
+            "--teacher-iters", "20", "--max-iters", "4", "--batch-size", "16", "--eval-seqs", "50",
+            "--eval-samples", "200"]
     distill.main(argv)
     first = capsys.readouterr().out
     ckpts = [tmp_path / p for p in ("teacher.pt", "ce/ckpt.pt", "kd/ckpt.pt", "varkd/ckpt.pt")]
-    artifacts = ckpts + [p.with_suffix(s) for p in ckpts for s in (".json", ".png")] + \
+    artifacts = ckpts + [p.with_suffix(".png") for p in ckpts] + [p.parent / "metrics.json" for p in ckpts] + \
         [tmp_path / "tokens" / f"{split}.{s}" for split in ("train", "test") for s in ("codes.npy", "json")]
     assert all(p.exists() for p in artifacts), [p for p in artifacts if not p.exists()]
     for role in ("teacher", "no-KD student", "stage-1 KD student"):
@@ -754,12 +759,14 @@ def test_the_pipeline_builds_every_artifact_once_then_reuses_them(small_tokenize
     assert kd["fingerprints"]["init"] == ce["fingerprint"] and varkd["fingerprints"]["init"] == kd["fingerprint"]
     assert kd["fingerprints"]["teacher"] == varkd["fingerprints"]["teacher"] == teacher["fingerprint"]
     assert teacher["step"] == 20 and ce["step"] == kd["step"] == varkd["step"] == 4
+    line = json.loads((tmp_path / "varkd" / "metrics.json").read_text())["ckpt.pt"]
+    assert line["steps"] == 4 and 0 <= line["precision-cls"] <= 1 and line["FID-cls"] > 0 and line["test_kl"] > 0
     stamps = {p: p.stat().st_mtime_ns for p in artifacts}
     distill.main(argv)
     second = capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in artifacts} == stamps  # nothing rebuilt, nothing re-measured
     assert second.count("reusing it") == 4 and "training one" not in second
-    table = second[second.index("test NLL"):]
+    table = second[second.index("FID-cls"):]
     assert all(str(p) in table for p in ckpts)
 
 
@@ -778,3 +785,170 @@ def test_torchrun_ranks_agree_and_match_one_process(trained_setup, tiny_teacher,
     ddp = torch.load(tmp_path / "ddp_ce.pt", weights_only=True)["model"]
     for k, v in torch.load(tmp_path / "one.pt", weights_only=True)["model"].items():
         assert torch.allclose(v, ddp[k], atol=1e-5), k
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def test_frechet_distance_equals_the_sqrtm_formula():
+    from scipy import linalg
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3000, 256))
+    b = rng.normal(size=(3000, 256)) @ rng.normal(size=(256, 256)) * 0.1 + 0.3
+    (mu1, s1), (mu2, s2) = evaluate.gaussian(a), evaluate.gaussian(b)
+    covmean = linalg.sqrtm(s1 @ s2).real  # pytorch-fid's formula
+    expected = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+    assert abs(evaluate.frechet_distance(mu1, s1, mu2, s2) - expected) < 1e-6 * expected
+    assert abs(evaluate.frechet_distance(mu1, s1, mu1, s1)) < 1e-6 * np.trace(s1)  # a set to itself
+
+
+def test_kid_is_zero_for_one_distribution_and_positive_for_a_shifted_one():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2000, 32)), rng.normal(size=(2000, 32))
+    same, _ = evaluate.kid(a, b, subsets=20, subset_size=500)
+    shifted, _ = evaluate.kid(a, b + 0.5, subsets=20, subset_size=500)
+    assert abs(same) < 0.01 and shifted > 0.1
+
+
+def test_precision_and_recall_on_constructed_point_sets():
+    # reals at 0..99 on a line: the radius (3rd neighbour) is 2 inside, 3 at the ends
+    real = np.arange(100, dtype=np.float32)[:, None]
+    fake = np.concatenate([real[:50] + 0.25, 1000 + 10 * real[:50]])
+    precision, recall = evaluate.precision_recall(real, fake, k=3, batch_size=17)
+    assert precision == pytest.approx(0.5)  # the near half lies inside the real manifold, the far half not
+    # reals 0..49 are 0.25 from a fake; 50..52 lie within 3 of the end fake 49.25, whose radius is 3
+    assert recall == pytest.approx(0.53)
+
+
+def test_inception_score_lies_between_one_and_the_number_of_classes():
+    confident = torch.eye(10).repeat(100, 1).numpy() * 50  # every class equally often, certain
+    assert abs(evaluate.inception_score(confident)[0] - 10) < 1e-3
+    assert abs(evaluate.inception_score(np.zeros((1000, 10)))[0] - 1) < 1e-6
+    random = np.random.default_rng(0).normal(size=(1000, 10)) * 3
+    assert 1 <= evaluate.inception_score(random)[0] <= 10
+
+
+@pytest.fixture(scope="module")
+def quick_classifier(tmp_path_factory):
+    """A classifier trained briefly on part of the training split, saved as load_classifier expects
+    (the default one takes a minute; its accuracy is in the README)."""
+    path = tmp_path_factory.mktemp("classifier") / "classifier.pt"
+    images, labels = data.load_fashion_mnist("train")
+    test_images, test_labels = data.load_fashion_mnist("test")
+    model, acc = evaluate.train_classifier(images[:12000], labels[:12000], test_images[:2000], test_labels[:2000],
+                                           epochs=1)
+    torch.save({"model": model.state_dict(), "in_channels": 1, "num_classes": 10, "image_size": 28,
+                "data": data.fingerprint(images, labels), "test_accuracy": acc}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def eval_dir(tmp_path_factory, quick_classifier):
+    out = tmp_path_factory.mktemp("eval")
+    (out / "classifier.pt").write_bytes(quick_classifier.read_bytes())
+    return out, torch.load(quick_classifier, weights_only=True)["test_accuracy"]
+
+
+def test_the_classifier_learns_the_classes(eval_dir):
+    assert eval_dir[1] > 0.8  # one epoch on a fifth of the data; the default run reaches 0.9+
+
+
+def test_real_test_images_score_like_the_reference_and_noise_does_not(eval_dir, tmp_path):
+    out, acc = eval_dir
+    images, labels = data.load_fashion_mnist("test")
+    np.savez(tmp_path / "real.npz", images[:2000], labels[:2000])
+    real = evaluate.main([str(tmp_path / "real.npz"), "--out-dir", str(out)])
+    refs = list((out / "ref").glob("*.npz"))
+    assert len(refs) == 1  # the reference features, computed once
+    stamp = refs[0].stat().st_mtime_ns
+    noise = np.random.default_rng(0).integers(0, 256, images[:2000].shape, dtype=np.uint8)
+    np.savez(tmp_path / "noise.npz", noise)
+    fake = evaluate.main([str(tmp_path / "noise.npz"), "--out-dir", str(out)])
+    assert refs[0].stat().st_mtime_ns == stamp
+    assert real["FID-cls"] < 0.1 * fake["FID-cls"] and real["precision-cls"] > 0.9 > fake["precision-cls"]
+    assert abs(real["class_acc-cls"] - acc) < 0.05 and "class_acc-cls" not in fake  # noise.npz has no labels
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["real.npz"]["FID-cls"] == real["FID-cls"] and "noise.npz" in saved
+
+
+def test_bad_evaluation_targets_get_one_sentence(eval_dir, tmp_path):
+    out, _ = eval_dir
+    with pytest.raises(SystemExit, match="no .*nowhere.pt: pass a checkpoint"):
+        evaluate.main([str(tmp_path / "nowhere.pt"), "--out-dir", str(out)])
+    np.savez(tmp_path / "wrong.npz", images=np.zeros((4, 28, 28), np.uint8))
+    with pytest.raises(SystemExit, match="arr_0"):
+        evaluate.main([str(tmp_path / "wrong.npz"), "--out-dir", str(out)])
+    np.savez(tmp_path / "big.npz", np.zeros((4, 32, 32, 3), np.uint8))
+    with pytest.raises(SystemExit, match="the images are 32x32x3 but the reference test split is 28x28x1"):
+        evaluate.main([str(tmp_path / "big.npz"), "--out-dir", str(out)])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="holds no .png files"):
+        evaluate.main([str(tmp_path / "empty"), "--out-dir", str(out)])
+
+
+def save_fake_inception(path):
+    """Random weights in pytorch-fid's layout at path; returns the file's sha256."""
+    torch.manual_seed(0)
+    torch.save(evaluate.InceptionV3().state_dict(), path)
+    return data.sha256_file(path)
+
+
+def test_inception_state_dict_has_pytorch_fid_keys_shapes_and_dtypes():
+    dtypes = {"torch.FloatStorage": torch.float32, "torch.LongStorage": torch.int64}
+    want = {}
+    for line in (FORMATS / "fid_inception_keys.tsv").read_text().splitlines():
+        if not line.startswith("#"):
+            key, shape, storage = line.split("\t")
+            want[key] = (ast.literal_eval(shape), dtypes[storage])
+    got = {k: (tuple(v.shape), v.dtype) for k, v in evaluate.InceptionV3().state_dict().items()}
+    assert len(want) == 566 and got == want
+
+
+def test_inception_average_pools_leave_the_padding_out():
+    # TF's average pool: a constant image stays constant up to its borders
+    assert torch.equal(evaluate.tf_avg_pool(torch.ones(1, 1, 5, 5)), torch.ones(1, 1, 5, 5))
+
+
+def test_inception_loads_saved_weights_and_gives_features_and_logits_for_grey_images(tmp_path):
+    sha = save_fake_inception(tmp_path / "w.pth")
+    model = evaluate.load_inception(tmp_path / "w.pth")
+    assert data.sha256_file(tmp_path / "w.pth") == sha  # loading never rewrites the file
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert torch.equal(model.fc.weight, torch.load(tmp_path / "w.pth", weights_only=True)["fc.weight"])
+    grey = np.random.default_rng(0).integers(0, 256, (2, 28, 28, 1), dtype=np.uint8)
+    x = evaluate.as_input(grey, channels=3)
+    assert x.shape == (2, 3, 28, 28) and torch.equal(x[:, 0], x[:, 2])
+    with torch.no_grad():
+        features, logits = model(x, logits=True)
+    assert features.shape == (2, 2048) and logits.shape == (2, 1008)
+    assert torch.isfinite(logits).all() and (features >= 0).all()  # features average ReLU outputs
+
+
+def test_inception_weights_with_a_missing_key_or_not_a_state_dict_are_refused(tmp_path):
+    state = evaluate.InceptionV3().state_dict()
+    del state["Mixed_7c.branch_pool.bn.running_var"]
+    torch.save(state, tmp_path / "w.pth")
+    with pytest.raises(SystemExit, match=r"w\.pth is not the FID Inception.*Mixed_7c\.branch_pool\.bn\.running_var"):
+        evaluate.load_inception(tmp_path / "w.pth")
+    (tmp_path / "w.pth").write_bytes(b"not a torch file")
+    with pytest.raises(SystemExit, match=r"w\.pth is not the FID Inception"):
+        evaluate.load_inception(tmp_path / "w.pth")
+    with pytest.raises(SystemExit, match="no Inception weights at"):
+        evaluate.load_inception(tmp_path / "missing.pth")
+
+
+def test_inception_weights_are_downloaded_once_to_the_cache_and_checked(http_server, tmp_path):
+    served, url = http_server
+    sha = save_fake_inception(served / "w.pth")
+    cache = tmp_path / "cache"
+    model = evaluate.load_inception(cache_dir=cache, url=url + "w.pth", sha256=sha)
+    cached = cache / "pt_inception-2015-12-05-6726825d.pth"
+    assert list(cache.iterdir()) == [cached] and data.sha256_file(cached) == sha
+    assert not model.training
+    (served / "w.pth").unlink()  # a second load must not need the server
+    evaluate.load_inception(cache_dir=cache, url=url + "w.pth", sha256=sha)
+
+    (served / "bad.pth").write_bytes(b"a damaged mirror")
+    with pytest.raises(SystemExit, match="sha256"):
+        evaluate.load_inception(cache_dir=tmp_path / "cache2", url=url + "bad.pth", sha256=sha)
+    assert not any((tmp_path / "cache2").glob("*"))
