@@ -175,7 +175,7 @@ def load_classifier(out_dir, data_dir):
     train_images, train_labels = load_fashion_mnist("train", data_dir)
     data_fp = fingerprint(train_images, train_labels)
     if not path.exists():
-        print(f"no classifier at {path}: training one for FID-cls (about a minute on 2 CPU cores)")
+        print(f"no classifier at {path}: training one for FID-cls (about 2 minutes on 2 CPU cores)")
         test_images, test_labels = load_fashion_mnist("test", data_dir)
         model, acc = train_classifier(train_images, train_labels, test_images, test_labels)
         print(f"classifier: test accuracy {acc:.4f}")
@@ -526,6 +526,8 @@ def table(paths, tokenizer, test_codes, test_labels, args):
     if Path(args.teacher).exists():
         teacher = load_checkpoint(args.teacher).to(device)
         teacher_fp = torch.load(args.teacher, map_location="cpu", weights_only=True).get("fingerprint", "")
+    if args.eval_samples > 0:
+        load_classifier(args.out_dir, args.data_dir)  # trained here if missing, before the table starts
     cols = ("FID-cls", "KID-cls", "precision-cls", "recall-cls", "IS-cls", "class_acc-cls")
     print(f"\n{'model':<22} {'params':>7} {'steps':>5} {'NLL':>6} {'KL(T|m)':>7} {'FID-cls':>7} {'KID-cls':>7} "
           f"{'prec':>5} {'recall':>6} {'IS-cls':>6} {'acc':>5} {'train':>6}  samples")
@@ -537,7 +539,8 @@ def table(paths, tokenizer, test_codes, test_labels, args):
         if ckpt.get("step") != ckpt.get("args", {}).get("max_iters"):
             continue
         m = lines[path] = report(path, tokenizer, test_codes, test_labels, teacher, teacher_fp, args)
-        figures = [f"{m['test_kl']:.4f}" if "test_kl" in m else "-"] + [f"{m[c]:.4f}" if c in m else "-" for c in cols]
+        figures = [f"{m['test_kl']:.4f}" if "test_kl" in m else "-"] + [
+            f"{m[c]:.{digits}f}" if c in m else "-" for c, digits in zip(cols, (2, 2, 3, 3, 2, 3))]
         print(f"{path:<22} {m['params'] / 1e6:>6.2f}M {m['steps']:>5} {m['test_nll']:>6.3f} " +
               " ".join(f"{f:>{w}}" for f, w in zip(figures, (7, 7, 7, 5, 6, 6, 5))) +
               f" {m['wall_time'] / 60:>5.1f}m  {m['samples']}")
