@@ -121,15 +121,14 @@ def methods(args, device):
             times[method] += pool / margs.pool_refresh
     for method, t in times.items():
         print(f"{method:>9} {t * 1e3:>9.1f} {t / times['kd']:>6.2f}x")
-    g = lambda: torch.Generator(device).manual_seed(0)
+    def g():
+        return torch.Generator(device).manual_seed(0)
+
     seq = timed(lambda: mixed_rollout(student, codes, labels, generator=g()), device, args.repeats)
     par = timed(lambda: mixed_rollout(student, codes, labels, generator=g(), window=4), device, args.repeats)
     print(f"\nmixed rollout of {B} (student, prefix 25-75%): sequential {seq * 1e3:.1f} ms, "
           f"ZipAR window 4 {par * 1e3:.1f} ms ({seq / par:.2f}x)")
 
-
-if __name__ == "__main__":
-    main()
 
 
 def evaluation(args, device):
@@ -149,12 +148,14 @@ def evaluation(args, device):
     t_sqrtm = time.perf_counter() - t0
     t_ours = timed(lambda: evaluate.frechet_distance(mu1, s1, mu2, s2), torch.device("cpu"), args.repeats)
     ours = evaluate.frechet_distance(mu1, s1, mu2, s2)
-    print(f"\nFrechet distance at 2048-d: eigh {t_ours:.2f} s, scipy sqrtm {t_sqrtm:.2f} s "
+    print(f"\nFrechet distance at 2048-d: Cholesky + eigvalsh {t_ours:.2f} s, scipy sqrtm {t_sqrtm:.2f} s "
           f"({t_sqrtm / t_ours:.1f}x), relative difference {abs(ours - reference) / reference:.1e}")
     images = torch.randint(0, 256, (args.batch_size, 28, 28, 1), dtype=torch.uint8).numpy()
-    for name, model, channels in (("classifier (28 px)", evaluate.Classifier(), None),
-                                  ("FID Inception (299 px)", evaluate.InceptionV3(), 3)):
+    for name, model in (("classifier (28 px)", evaluate.Classifier()), ("FID Inception (299 px)", evaluate.InceptionV3())):
         model = model.to(device).eval()
-        t = timed(lambda: evaluate.extract(model, images, args.batch_size, device, channels), device,
-                  max(1, args.repeats // 2))
+        t = timed(lambda: evaluate.extract(model, images, device, args.batch_size), device, max(1, args.repeats // 2))
         print(f"{name:>24}: {args.batch_size / t:,.0f} images/s")
+
+
+if __name__ == "__main__":
+    main()

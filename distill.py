@@ -123,7 +123,7 @@ RECIPE = ("method", "size", "max_iters", "batch_size", "lr", "min_lr_frac", "war
           "grad_clip", "seed", "tau", "ce_weight", "lam", "beta", "prefix_frac", "threshold", "no_entropy_weights",
           "no_truncation", "no_groups", "groups", "no_parallel", "window", "pool_size", "pool_refresh", "pool_cfg")
 ROLES = {"teacher": "teacher", "ce": "no-KD student", "kd": "stage-1 KD student"}
-MINUTES = {"teacher": 8, "ce": 2, "kd": 3, "seqkd": 4, "onpolicy": 3, "varkd": 6}  # default sizes, 2 CPU cores
+MINUTES = {"teacher": 8, "ce": 2, "kd": 4, "seqkd": 5, "onpolicy": 4, "varkd": 6}  # default sizes, 2 CPU cores
 
 
 def get_args(argv=None, **stage):

@@ -1,6 +1,7 @@
 """
 Sampling from a GPT: classifier-free guidance, temperature, top-k, top-p, with or without KV cache;
-writes a PNG grid with one row per class.
+mixed rollouts (a real prefix, the model's continuation; sequential or ZipAR's parallel rows), the
+contexts of on-policy KD and VarKD; writes a PNG grid with one row per class.
 
     python sample.py --ckpt out/teacher.pt                    # -> out/teacher_samples.png
     python sample.py --ckpt c2i_B_256.pt --preset B --tokenizer vq_ds16_c2i.pt --classes 207,360,387

@@ -800,6 +800,11 @@ def test_frechet_distance_equals_the_sqrtm_formula():
     expected = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
     assert abs(evaluate.frechet_distance(mu1, s1, mu2, s2) - expected) < 1e-6 * expected
     assert abs(evaluate.frechet_distance(mu1, s1, mu1, s1)) < 1e-6 * np.trace(s1)  # a set to itself
+    # fewer samples than dimensions: S1 is singular (no Cholesky); eigenvalues of S1 S2 directly
+    (mu3, s3) = evaluate.gaussian(a[:100])
+    root_eigs = np.sqrt(np.linalg.eigvals(s3 @ s2).real.clip(0))
+    expected = (mu3 - mu2) @ (mu3 - mu2) + np.trace(s3) + np.trace(s2) - 2 * root_eigs.sum()
+    assert abs(evaluate.frechet_distance(mu3, s3, mu2, s2) - expected) < 1e-6 * expected
 
 
 def test_kid_is_zero_for_one_distribution_and_positive_for_a_shifted_one():
