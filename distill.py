@@ -416,8 +416,9 @@ def train(args, tokenizer, splits, role=None):
     if args.init != "none":
         init, fingerprints["init"] = load_parent(args.init, "student", fingerprints, device)
         if asdict(init.config) != asdict(config):
-            raise SystemExit(f"{args.init} is not a --size {args.size} model ({init.config}): pass the "
-                             f"--size it was trained with")
+            raise SystemExit(f"{args.init} is not a --size {args.size} model ({init.config.n_layer} layers of "
+                             f"width {init.config.dim}, not {config.n_layer} x {config.dim}): pass the --size it "
+                             f"was trained with")
     ckpt = existing_run(args, fingerprints, config, role)
     if ckpt is not None and role is not None:  # a parent runs with the flags it was started with
         args = argparse.Namespace(**{**vars(args), **{k: ckpt["args"][k] for k in RECIPE}})
