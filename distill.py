@@ -316,8 +316,9 @@ def load_parent(path, role, fingerprints, device):
         if key in theirs and theirs[key] != fingerprints[key]:
             raise SystemExit(f"the {role} {path} was built on {key} {theirs[key]}, not on this run's "
                              f"{fingerprints[key]}: retrain it, or pass the --tokenizer it was built with")
-    model = load_checkpoint(path)
-    return model.to(device), fingerprint(*(v.numpy() for v in model.state_dict().values()))
+    model = load_checkpoint(path)  # ours record their weights' fingerprint; LlamaGen's do not
+    weights_fp = ckpt.get("fingerprint") or fingerprint(*(v.numpy() for v in model.state_dict().values()))
+    return model.to(device), weights_fp
 
 
 @torch.no_grad()

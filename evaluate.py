@@ -14,6 +14,7 @@ Reference features of the real test split are computed once and cached by finger
 (<out-dir>/ref/). Results go to metrics.json beside the target.
 """
 import argparse
+import functools
 import json
 import os
 import time
@@ -372,6 +373,7 @@ def extract(extractor, images, device="cpu", batch_size=200):
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()
 
 
+@functools.lru_cache(maxsize=2)  # a table scores every model with the same extractor
 def load_extractor(features, out_dir, data_dir, inception_weights=None, device="cpu"):
     """'cls': the in-domain classifier; 'inception': the FID Inception. Fingerprinted, so that
     reference features are cached per extractor."""
@@ -486,12 +488,11 @@ def cached_metrics(target, key):
     return entry if entry.get("key") == key else None
 
 
-def report(path, tokenizer, test_codes, test_labels, teacher, teacher_fp, args):
+def report(path, ckpt, tokenizer, test_codes, test_labels, teacher, teacher_fp, args):
     """The table line of the checkpoint at `path`, computed once and kept in metrics.json with the
     fingerprints it was measured with, and a grid of samples beside it (<path>.png): ten per class,
     the first of the same sampling seed for every model."""
     path = Path(path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     weights_fp = ckpt.get("fingerprint") or fingerprint(*(v.numpy() for v in ckpt["model"].values()))
     key = fingerprint(weights_fp, teacher_fp, args.eval_samples, args.eval_cfg, args.seed)
     line = cached_metrics(path, key)
@@ -530,7 +531,7 @@ def table(paths, tokenizer, test_codes, test_labels, args):
         teacher = load_checkpoint(args.teacher).to(device)
         teacher_fp = torch.load(args.teacher, map_location="cpu", weights_only=True).get("fingerprint", "")
     if args.eval_samples > 0:
-        load_classifier(args.out_dir, args.data_dir)  # trained here if missing, before the table starts
+        load_extractor("cls", args.out_dir, args.data_dir, None, device)  # trained if missing, before the table
     cols = ("FID-cls", "KID-cls", "precision-cls", "recall-cls", "IS-cls", "class_acc-cls")
     print(f"\n{'model':<22} {'params':>7} {'steps':>5} {'NLL':>6} {'KL(T|m)':>7} {'FID-cls':>7} {'KID-cls':>7} "
           f"{'prec':>5} {'recall':>6} {'IS-cls':>6} {'acc':>5} {'train':>6}  samples")
@@ -541,7 +542,7 @@ def table(paths, tokenizer, test_codes, test_labels, args):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if ckpt.get("step") != ckpt.get("args", {}).get("max_iters"):
             continue
-        m = lines[path] = report(path, tokenizer, test_codes, test_labels, teacher, teacher_fp, args)
+        m = lines[path] = report(path, ckpt, tokenizer, test_codes, test_labels, teacher, teacher_fp, args)
         figures = [f"{m['test_kl']:.4f}" if "test_kl" in m else "-"] + [
             f"{m[c]:.{digits}f}" if c in m else "-" for c, digits in zip(cols, (2, 2, 3, 3, 2, 3))]
         print(f"{path:<22} {m['params'] / 1e6:>6.2f}M {m['steps']:>5} {m['test_nll']:>6.3f} " +
