@@ -4,6 +4,7 @@ Frechet distance against scipy's sqrtm formula and the feature extractors' image
 
     python bench.py                      # default teacher and student sizes, batch 64, CPU
     python bench.py --device cuda --sizes B,L --batch-size 32
+    python bench.py --imagenet --batch-size 8       # VQ-16 encoding, GPT-B and -L steps at 256 px: to extrapolate
 
 Models are randomly initialised (speed does not depend on the weights), with the default data's
 shapes (7x7 codes from 256, 10 classes) unless --grid/--vocab/--classes say otherwise. Each figure
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 import distill
 import evaluate
+import tokenizer as tok
 from model import GPT, PRESETS, GPTConfig
 from sample import generate, mixed_rollout
 
@@ -53,8 +55,12 @@ def main():
     p.add_argument("--method-steps", type=int, default=20, help="steps averaged per method (default: 20)")
     p.add_argument("--no-methods", action="store_true", help="skip the per-method table")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation figures")
+    p.add_argument("--imagenet", action="store_true", help="only the ImageNet figures: VQ-16 encoding at 256 px, "
+                   "a GPT-B ce step, a GPT-L forward and a kd / varkd step L -> B on 16x16 codes of 16384")
     args = p.parse_args()
     device = torch.device(args.device)
+    if args.imagenet:
+        return imagenet(args, device)
     B = args.batch_size
     print(f"device {device}, {torch.get_num_threads()} threads, batch {B}, {args.grid}x{args.grid} codes "
           f"of {args.vocab}, median of {args.repeats}")
@@ -129,6 +135,37 @@ def methods(args, device):
     print(f"\nmixed rollout of {B} (student, prefix 25-75%): sequential {seq * 1e3:.1f} ms, "
           f"ZipAR window 4 {par * 1e3:.1f} ms ({seq / par:.2f}x)")
 
+
+def imagenet(args, device):
+    """The paper's setting at its real sizes, random weights: what one step costs, per --batch-size."""
+    B = args.batch_size
+    print(f"device {device}, {torch.get_num_threads()} threads, batch {B}, ImageNet sizes, median of {args.repeats}")
+    vq = tok.VQModel(tok.VQConfig(**tok.PRESETS["VQ-16"])).to(device).eval()
+    images = torch.randint(0, 256, (B, 256, 256, 3), dtype=torch.uint8).numpy()
+    t = timed(lambda: vq.encode(images), device, args.repeats)
+    print(f"VQ-16 encode, 256 px -> 16x16 codes: {B / t:.2f} images/s ({t / B * 1e3:.0f} ms per image)")
+    shape = dict(vocab_size=16384, num_classes=1000, grid_size=16)
+    student, teacher = (GPT(GPTConfig(**PRESETS[n], **shape)).to(device) for n in ("B", "L"))
+    teacher.eval().requires_grad_(False)
+    torch.nn.init.normal_(student.output.weight, std=0.02)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    codes = torch.randint(16384, (B, 256), device=device)
+    labels = torch.randint(1000, (B,), device=device)
+    groups = torch.arange(16384, device=device) % 4096
+    t_fwd = timed(lambda: teacher(codes, labels), device, args.repeats)
+    print(f"GPT-L forward (no grad), {B} x 256 codes: {t_fwd:.2f} s")
+    for method in ("ce", "kd", "varkd"):
+        margs = distill.get_args(["--method", method, "--batch-size", str(B)])
+
+        def step():
+            g = torch.Generator(device).manual_seed(0)
+            loss = distill.method_loss(margs, student, student, teacher, codes, labels, groups, g)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        student.train()
+        t = timed(step, device, args.repeats)
+        print(f"GPT-B {method} step (L -> B), {B} x 256 codes: {t:.2f} s, {B * 256 / t:,.0f} tokens/s")
 
 
 def evaluation(args, device):

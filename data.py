@@ -14,10 +14,12 @@ tokenizer and the images it was built from. A cache built by another tokenizer i
     python data.py --folder path/to/train --image-size 64
 """
 import argparse
+import functools
 import gzip
 import hashlib
 import json
 import os
+import shutil
 import struct
 import urllib.request
 from pathlib import Path
@@ -170,15 +172,17 @@ def image_folder_files(root):
 
 
 def load_image(path, size, channels=3):
-    """One image file -> uint8 (size, size, channels): centre crop to a square, then resize."""
+    """One image file -> uint8 (size, size, channels) as ADM and LlamaGen crop: halve with a box
+    filter while the short side is at least 2 x size, resize it to size (bicubic), crop the centre."""
     try:
         with Image.open(path) as im:
             im = im.convert("L" if channels == 1 else "RGB")
-            w, h = im.size
-            s = min(w, h)
-            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-            im = im.resize((size, size), Image.BICUBIC)
-            a = np.asarray(im, np.uint8)
+            while min(im.size) >= 2 * size:
+                im = im.resize(tuple(x // 2 for x in im.size), Image.BOX)
+            scale = size / min(im.size)
+            im = im.resize(tuple(max(size, round(x * scale)) for x in im.size), Image.BICUBIC)
+            left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+            a = np.asarray(im.crop((left, top, left + size, top + size)), np.uint8)
     except (OSError, ValueError) as e:
         raise SystemExit(f"{path} is not a readable image ({e}): delete or replace it") from None
     return a.reshape(size, size, channels)
@@ -209,27 +213,109 @@ def token_cache(prefix, images, labels, encode, tokenizer_fingerprint, batch_siz
     <prefix>.json with the fingerprints. Returns (codes, labels, fingerprint of the images); reuses a matching cache and
     refuses one built by another tokenizer or from other images."""
     prefix = Path(prefix)
-    meta_path = prefix.with_suffix(".json")
     data_fp = fingerprint(images, labels)
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta["tokenizer"] != tokenizer_fingerprint:
-            raise SystemExit(f"token cache {meta_path} was built by tokenizer {meta['tokenizer']}, "
-                             f"not by this one ({tokenizer_fingerprint}): delete {prefix}.* to "
-                             f"rebuild it, or pass the tokenizer it was built with")
-        if meta["data"] != data_fp:
-            raise SystemExit(f"token cache {meta_path} was built from other images (data "
-                             f"{meta['data']}, now {data_fp}): delete {prefix}.* to rebuild it")
+    if cached(prefix, tokenizer_fingerprint, data_fp):
         return np.load(f"{prefix}.codes.npy", mmap_mode="r"), np.load(f"{prefix}.labels.npy"), data_fp
     codes = np.concatenate([encode(images[i:i + batch_size]) for i in
                             tqdm(range(0, len(images), batch_size), desc=f"encoding {prefix.name}")])
     codes = codes.astype(np.int16 if codes.max() < 2 ** 15 else np.int32)
     atomic_write(f"{prefix}.codes.npy", lambda tmp: np.save(tmp, codes))
+    finish_cache(prefix, labels, tokenizer_fingerprint, data_fp, codes.shape)
+    return codes, labels, data_fp
+
+
+def cached(prefix, tokenizer_fingerprint, data_fp):
+    """True when the cache at prefix is complete and was built by this tokenizer from these images."""
+    meta_path = Path(prefix).with_suffix(".json")
+    if not meta_path.exists():
+        return False
+    meta = json.loads(meta_path.read_text())
+    if meta["tokenizer"] != tokenizer_fingerprint:
+        raise SystemExit(f"token cache {meta_path} was built by tokenizer {meta['tokenizer']}, "
+                         f"not by this one ({tokenizer_fingerprint}): delete {prefix}.* to "
+                         f"rebuild it, or pass the tokenizer it was built with")
+    if meta["data"] != data_fp:
+        raise SystemExit(f"token cache {meta_path} was built from other images (data "
+                         f"{meta['data']}, now {data_fp}): delete {prefix}.* to rebuild it")
+    return True
+
+
+def finish_cache(prefix, labels, tokenizer_fingerprint, data_fp, shape):
     atomic_write(f"{prefix}.labels.npy", lambda tmp: np.save(tmp, labels))
     # the .json goes last: it marks the cache complete
-    meta = {"tokenizer": tokenizer_fingerprint, "data": data_fp, "shape": list(codes.shape)}
-    atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
-    return codes, labels, data_fp
+    meta = {"tokenizer": tokenizer_fingerprint, "data": data_fp, "shape": list(shape)}
+    atomic_write(Path(prefix).with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+
+
+def load_batch(paths, size):
+    return np.stack([load_image(p, size) for p in paths])
+
+
+def folder_token_cache(prefix, root, size, encode, tokenizer_fingerprint, rank=0, world=1, chunk=1024,
+                       batch_size=64, workers=min(8, os.cpu_count() or 1)):
+    """An image folder (one subfolder per class, e.g. ImageNet's train/) encoded once as LlamaGen
+    extracts it: the centre crop and its horizontal flip, two rows of codes per image (image i's
+    at rows 2i, 2i + 1). Every rank calls it and encodes its chunks (encode_chunks); rank 0 then
+    merges them into token_cache's format. Returns (codes, labels, data fingerprint) on every rank.
+    encode: uint8 images (B, H, W, 3) -> codes (B, h, w)."""
+    import torch.distributed as dist
+    prefix, root = Path(prefix), Path(root)
+    paths, labels, _ = image_folder_files(root)
+    data_fp = fingerprint([str(p.relative_to(root)) for p in paths], labels, size)
+    if not cached(prefix, tokenizer_fingerprint, data_fp):
+        parts = Path(f"{prefix}.parts")
+        stamp, mine = parts / "built_from.json", {"tokenizer": tokenizer_fingerprint, "data": data_fp}
+        if stamp.exists() and json.loads(stamp.read_text()) != mine:
+            raise SystemExit(f"{parts} holds chunks encoded by another tokenizer or from other images: "
+                             f"delete it to start the extraction again")
+        if rank == 0:
+            atomic_write(stamp, lambda tmp: Path(tmp).write_text(json.dumps(mine)))
+        encode_chunks(parts, paths, size, encode, rank, world, chunk, batch_size, workers)
+        if dist.is_initialized():
+            dist.barrier()
+        if rank == 0:
+            chunks = [np.load(parts / f"{k:06d}.npy", mmap_mode="r") for k in range(-(-len(paths) // chunk))]
+            shape = (2 * len(paths), *chunks[0].shape[1:])
+
+            def merge(tmp):
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.result_type(*chunks), shape=shape)
+                for k, c in enumerate(chunks):
+                    out[2 * k * chunk:2 * k * chunk + len(c)] = c
+                out.flush()
+            atomic_write(f"{prefix}.codes.npy", merge)
+            finish_cache(prefix, np.repeat(labels, 2), tokenizer_fingerprint, data_fp, shape)
+            shutil.rmtree(parts)
+    if dist.is_initialized():
+        dist.barrier()
+    return np.load(f"{prefix}.codes.npy", mmap_mode="r"), np.load(f"{prefix}.labels.npy"), data_fp
+
+
+def encode_chunks(parts, paths, size, encode, rank=0, world=1, chunk=1024, batch_size=64, workers=0):
+    """Rank `rank`'s share of the extraction: chunk k (images k * chunk ...) belongs to rank k % world
+    and is saved to parts/<k>.npy the moment its last batch is encoded, so a killed extraction
+    resumes at the chunks it lacks, with any number of ranks. Images are read by `workers` processes."""
+    import torch
+    parts = Path(parts)
+    parts.mkdir(parents=True, exist_ok=True)
+    todo = [k for k in range(rank, -(-len(paths) // chunk), world) if not (parts / f"{k:06d}.npy").exists()]
+    # batches never straddle two chunks
+    batches = [list(range(i, min(i + batch_size, (k + 1) * chunk, len(paths))))
+               for k in todo for i in range(k * chunk, min((k + 1) * chunk, len(paths)), batch_size)]
+    loader = torch.utils.data.DataLoader(paths, batch_sampler=batches, num_workers=workers,
+                                         collate_fn=functools.partial(load_batch, size=size))
+    done = []
+    with tqdm(total=sum(map(len, batches)), unit="img", desc=f"encoding (rank {rank})", disable=not batches) as bar:
+        for idx, images in zip(batches, loader):
+            codes = np.asarray(encode(np.concatenate([images, images[:, :, ::-1]])))  # crops, then flips
+            done.append(np.stack([codes[:len(images)], codes[len(images):]], 1).reshape(-1, *codes.shape[1:]))
+            bar.update(len(images))
+            k = idx[0] // chunk
+            if idx[-1] + 1 in ((k + 1) * chunk, len(paths)):
+                chunk_codes = np.concatenate(done)
+                chunk_codes = chunk_codes.astype(np.int16 if chunk_codes.max() < 2 ** 15 else np.int32)
+                atomic_write(parts / f"{k:06d}.npy", lambda tmp: np.save(tmp, chunk_codes))
+                done = []
+    return todo
 
 
 def main():

@@ -3,6 +3,7 @@
     python distill.py --method varkd        # everything missing, then VarKD: out/varkd/ckpt.pt + a table
     python distill.py --method ce --size teacher            # just the teacher: out/teacher.pt
     python distill.py --method varkd --resume               # continue a killed run
+    python distill.py --study --seeds 0,1,2                 # every method, three seeds (study.py)
     torchrun --standalone --nproc_per_node 8 distill.py --method varkd --batch-size 256
 
 The main job builds what the method needs and is missing, in order, and reuses what exists: the
@@ -43,8 +44,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import study
 import tokenizer as tok
-from data import atomic_write, fingerprint, load_fashion_mnist, token_cache
+from data import atomic_write, fingerprint, folder_token_cache, load_fashion_mnist, token_cache
 from model import GPT, PRESETS, GPTConfig, load_checkpoint
 from evaluate import held_out, table
 from sample import generate, mixed_rollout
@@ -116,8 +118,9 @@ def varkd_loss(s_logits, t_logits, weights, mask, groups=None, beta=1.0):
 
 METHODS = ("ce", "kd", "seqkd", "onpolicy", "varkd")
 # flags every run of one pipeline shares: the parents built for a run get them too
-SHARED = ("out_dir", "data_dir", "tokenizer", "teacher", "teacher_size", "teacher_iters", "size", "batch_size",
-          "seed", "device", "compile", "eval_interval", "eval_seqs", "ckpt_interval")
+SHARED = ("out_dir", "data_dir", "image_size", "tokenizer", "teacher", "teacher_preset", "teacher_size",
+          "teacher_iters", "size", "batch_size", "seed", "device", "compile", "eval_interval", "eval_seqs",
+          "ckpt_interval")
 # what a run's weights depend on besides its inputs: a checkpoint is reused or continued only with the same
 RECIPE = ("method", "size", "max_iters", "batch_size", "lr", "min_lr_frac", "warmup", "schedule", "weight_decay",
           "grad_clip", "seed", "tau", "ce_weight", "lam", "beta", "prefix_frac", "threshold", "no_entropy_weights",
@@ -131,18 +134,23 @@ def get_args(argv=None, **stage):
     p.add_argument("--method", default="ce", choices=list(METHODS), help="ce: next-code cross-entropy "
                    "on data (teacher, no-KD student); kd: forward KL on data; seqkd: forward KL on teacher "
                    "samples; onpolicy: GKD on mixed rollouts; varkd (default: ce)")
-    p.add_argument("--size", default="student", help=f"model preset: one of {', '.join(PRESETS)}; "
-                   "'teacher' and 'student' are the CPU defaults (default: student)")
+    p.add_argument("--size", "--student-preset", default="student", help=f"model preset: one of "
+                   f"{', '.join(PRESETS)}; 'teacher' and 'student' are the CPU defaults (default: student)")
     p.add_argument("--out", help="checkpoint path (default: out/teacher.pt for --size teacher, "
                    "else out/<method>/ckpt.pt)")
     p.add_argument("--out-dir", default="out", help="where the tokenizer, token cache and "
                    "checkpoints live (default: out)")
     p.add_argument("--data-dir", default="data", help="Fashion-MNIST folder (default: data, then the "
-                   "Debian package's, then download)")
+                   "Debian package's, then download); a folder with train/ (and val/) of one subfolder per "
+                   "class, e.g. ImageNet, is encoded once to the token cache, over all ranks")
+    p.add_argument("--image-size", type=int, help="side of the images the tokenizer encodes, e.g. 384 for "
+                   "LlamaGen's 384-px models (default: the tokenizer's own, 256 for VQ-16)")
     p.add_argument("--tokenizer", help="tokenizer checkpoint (default: <out-dir>/tokenizer.pt, "
                    "trained if missing)")
     p.add_argument("--teacher", help="teacher checkpoint for the KD methods (default: <out-dir>/teacher.pt)")
-    p.add_argument("--init", help="student checkpoint to start from (default: <out-dir>/ce/ckpt.pt for kd, "
+    p.add_argument("--teacher-preset", help="preset of a --teacher without a config, e.g. L for LlamaGen's "
+                   "c2i_L_256.pt (--size is the student's: B for c2i_B_256.pt)")
+    p.add_argument("--init", "--student", help="student checkpoint to start from (default: <out-dir>/ce/ckpt.pt for kd, "
                    "<out-dir>/kd/ckpt.pt for seqkd/onpolicy/varkd: the paper's two stages; 'none' = scratch)")
     kd = p.add_argument_group("distillation (defaults: the paper's settings where it gives them)")
     kd.add_argument("--tau", type=float, default=1.0, help="kd/seqkd temperature (default: 1.0)")
@@ -199,6 +207,13 @@ def get_args(argv=None, **stage):
                    help="cpu or cuda (default: cuda if available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off for "
                    "runs of several minutes)")
+    p.add_argument("--prepare", action="store_true", help="build the tokenizer and token caches, then stop "
+                   "(ImageNet: the token extraction, over all ranks under torchrun)")
+    p.add_argument("--study", action="store_true", help="run the reproduction study instead (study.py): "
+                   "every method and the VarKD ablation for each of --seeds -> out/study/results.md")
+    p.add_argument("--seeds", default="0,1,2", help="the study's seeds (default: 0,1,2)")
+    p.add_argument("--study-iters", type=int, default=200, help="the study's stage-2 steps from the "
+                   "stage-1 KD checkpoint, the same for every row (default: 200)")
     args = p.parse_args(argv)
     vars(args).update(stage)  # the pipeline's parent runs: their defaults plus the shared flags
     for size in (args.size, args.teacher_size):
@@ -241,7 +256,9 @@ def pipeline(args):
         runs.append(stage_args(args, "teacher"))
     chain = {"ce": [], "kd": ["ce"]}.get(args.method, ["ce", "kd"])
     if chain and args.init == f"{args.out_dir}/{chain[-1]}/ckpt.pt":
-        runs += [stage_args(args, m) for m in chain]
+        # a parent that exists is reused or continued from what it was started with: its parents are not needed
+        start = max([i for i, m in enumerate(chain) if Path(f"{args.out_dir}/{m}/ckpt.pt").exists()], default=0)
+        runs += [stage_args(args, m) for m in chain[start:]]
     return [r for r in runs if r.out != args.out] + [args]
 
 
@@ -260,25 +277,42 @@ def setup_ddp(args):
 
 
 def prepare_data(args):
-    """The tokenizer and the train/test token caches, built on first use (by rank 0 under torchrun)."""
+    """The tokenizer and the train/test token caches, built on first use: Fashion-MNIST by rank 0,
+    an image folder (ImageNet) by every rank, each encoding its share."""
     rank, world = rank_world()
-    if rank > 0:
+    folder = Path(args.data_dir, "train").is_dir()
+    if rank > 0 and not folder:
         dist.barrier()  # wait for rank 0 to build what is missing
+    if not Path(args.tokenizer).exists() and folder:
+        raise SystemExit(f"no tokenizer at {args.tokenizer}: an image folder needs a trained one, e.g. "
+                         f"--tokenizer vq_ds16_c2i.pt (LlamaGen's VQ-16)")
     if not Path(args.tokenizer).exists():
         print(f"no tokenizer at {args.tokenizer}: training one (about 2 minutes on 2 CPU cores)")
         tok.build(args.tokenizer, args.data_dir)
-    tokenizer = tok.load_tokenizer(args.tokenizer)
+    tokenizer = tok.load_tokenizer(args.tokenizer, image_size=args.image_size)
+    if folder:
+        tokenizer.to(args.device)
+    encode = lambda x: tokenizer.encode(x).cpu().numpy()  # noqa: E731
     splits = {}
     for split in ("train", "test"):
         prefix = Path(args.out_dir) / "tokens" / split
-        if not prefix.with_suffix(".json").exists():
+        if not prefix.with_suffix(".json").exists() and rank == 0:
             print(f"no token cache at {prefix}.*: encoding the {split} split once")
-        images, labels = load_fashion_mnist(split, args.data_dir)
-        codes, labels, data_fp = token_cache(prefix, images, labels,
-                                             lambda x: tokenizer.encode(x).cpu().numpy(), tokenizer.fingerprint)
-        splits[split] = (torch.from_numpy(np.asarray(codes, np.int64).reshape(len(codes), -1)),
-                         torch.from_numpy(np.asarray(labels)), data_fp)
-    if rank == 0 and world > 1:
+        if folder:
+            root = Path(args.data_dir, "train" if split == "train" or not Path(args.data_dir, "val").is_dir() else "val")
+            if split == "test" and root.name == "train" and rank == 0:
+                print(f"no {args.data_dir}/val/: the held-out figures are measured on 10,000 training sequences")
+            codes, labels, data_fp = folder_token_cache(prefix.with_name(root.name), root, tokenizer.cfg.image_size,
+                                                        encode, tokenizer.fingerprint, rank, world)
+            if split == "test" and root.name == "train":
+                codes, labels = codes[:10000], labels[:10000]
+        else:
+            images, labels = load_fashion_mnist(split, args.data_dir)
+            codes, labels, data_fp = token_cache(prefix, images, labels, encode, tokenizer.fingerprint)
+        # the training codes stay int16 in memory (ImageNet: 2.6M sequences x 256 codes), cast per batch
+        codes = torch.from_numpy(np.array(codes).reshape(len(codes), -1))
+        splits[split] = (codes if split == "train" else codes.long(), torch.from_numpy(np.asarray(labels)), data_fp)
+    if rank == 0 and world > 1 and not folder:
         dist.barrier()
     return tokenizer, splits
 
@@ -304,8 +338,9 @@ def lr_at(step, args):
     return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def load_parent(path, role, fingerprints, device):
-    """A teacher or starting student, refused unless built on the same tokenizer and data."""
+def load_parent(path, role, fingerprints, device, preset, tokenizer):
+    """A teacher or starting student (ours, or LlamaGen's with its preset), refused unless built on
+    the same tokenizer and data."""
     if not Path(path).exists():
         flag = "teacher" if role == "teacher" else "init"
         raise SystemExit(f"no {role} at {path}: pass an existing checkpoint as --{flag}, or drop --{flag} "
@@ -316,7 +351,11 @@ def load_parent(path, role, fingerprints, device):
         if key in theirs and theirs[key] != fingerprints[key]:
             raise SystemExit(f"the {role} {path} was built on {key} {theirs[key]}, not on this run's "
                              f"{fingerprints[key]}: retrain it, or pass the --tokenizer it was built with")
-    model = load_checkpoint(path)  # ours record their weights' fingerprint; LlamaGen's do not
+    # a preset builds a checkpoint without a config (LlamaGen's); ours record their config and fingerprint
+    model = load_checkpoint(path, None if "config" in ckpt else preset, tokenizer.cfg.grid_size)
+    if model.config.vocab_size != tokenizer.cfg.codebook_size:
+        raise SystemExit(f"the {role} {path} predicts {model.config.vocab_size} codes, the tokenizer has "
+                         f"{tokenizer.cfg.codebook_size}: pass the --tokenizer it was trained with")
     weights_fp = ckpt.get("fingerprint") or fingerprint(*(v.numpy() for v in model.state_dict().values()))
     return model.to(device), weights_fp
 
@@ -409,13 +448,18 @@ def train(args, tokenizer, splits, role=None):
     fingerprints = {"tokenizer": tokenizer.fingerprint, "data": data_fp}
     config = GPTConfig(**PRESETS[args.size], vocab_size=tokenizer.cfg.codebook_size,
                        num_classes=int(train_labels.max()) + 1, grid_size=tokenizer.cfg.grid_size)
+    if role is not None and Path(args.out).exists():  # a parent keeps the inputs it was started with
+        started = torch.load(args.out, map_location="cpu", weights_only=True).get("args", {})
+        args = argparse.Namespace(**{**vars(args), **{k: started[k] for k in ("init", "teacher", "teacher_preset")
+                                                      if k in started}})
     teacher = groups = None
     if args.method != "ce":
-        teacher, fingerprints["teacher"] = load_parent(args.teacher, "teacher", fingerprints, device)
+        teacher, fingerprints["teacher"] = load_parent(args.teacher, "teacher", fingerprints, device,
+                                                       args.teacher_preset, tokenizer)
         teacher.requires_grad_(False)
     init = None
     if args.init != "none":
-        init, fingerprints["init"] = load_parent(args.init, "student", fingerprints, device)
+        init, fingerprints["init"] = load_parent(args.init, "student", fingerprints, device, args.size, tokenizer)
         if asdict(init.config) != asdict(config):
             raise SystemExit(f"{args.init} is not a --size {args.size} model ({init.config.n_layer} layers of "
                              f"width {init.config.dim}, not {config.n_layer} x {config.dim}): pass the --size it "
@@ -452,7 +496,8 @@ def train(args, tokenizer, splits, role=None):
     elif rank == 0:
         stage = "teacher" if role == "teacher" else args.method
         default = args.size == ("teacher" if role == "teacher" else "student") and args.batch_size == 128
-        about = f", about {MINUTES[stage]} minutes on 2 CPU cores" if default and stage in MINUTES else ""
+        minutes = MINUTES.get(stage, 0) * args.max_iters / (600 if stage == "teacher" else 400)
+        about = f", about {minutes:.0f} minutes on 2 CPU cores" if default and minutes else ""
         print(f"no {role} at {args.out}: training one ({what}{about})" if role else f"{what}{about}")
     if teacher is not None and start == 0 and rank == 0:
         metrics["start"] = held_out(model, test_codes, test_labels, teacher)
@@ -478,6 +523,7 @@ def train(args, tokenizer, splits, role=None):
                 pool_id = step // args.pool_refresh
                 pool = teacher_pool(teacher, args.pool_size // world, config.num_classes, args.pool_cfg,
                                     (args.seed * 1_000_003 + 10 ** 9 + pool_id) * 1024 + rank)
+                metrics["teacher_seqs"] = metrics.get("teacher_seqs", 0) + args.pool_size * (1 + (args.pool_cfg != 1))
             idx = batch_indices(step, args.pool_size // world, args.batch_size // world, args.seed)
             codes, labels = pool[0][idx], model.drop_labels(pool[1][idx], g)
         else:
@@ -485,7 +531,7 @@ def train(args, tokenizer, splits, role=None):
             # would, and the teacher sees the student's (possibly null) labels
             idx = batch_indices(step, len(train_codes), args.batch_size, args.seed)
             labels = model.drop_labels(train_labels[idx].to(device), g)
-            codes, labels = train_codes[idx].to(device)[rank::world], labels[rank::world]
+            codes, labels = train_codes[idx].to(device).long()[rank::world], labels[rank::world]
         g.manual_seed(step_seed * 1024 + rank + 1)  # this rank's own rollouts
         with amp:
             loss = method_loss(args, step_fn, model, teacher, codes, labels, groups, g)
@@ -498,6 +544,8 @@ def train(args, tokenizer, splits, role=None):
                              f"diverged; the last good checkpoint {args.out} is kept; lower --lr and --resume")
         optimizer.step()
         tokens += codes.numel() * world
+        if teacher is not None:  # the cost the paper counts: sequences the teacher scores (or samples, above)
+            metrics["teacher_seqs"] = metrics.get("teacher_seqs", 0) + codes.shape[0] * world
         done = step + 1
         if done % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens / (time.time() - t0):.0f}")
@@ -533,6 +581,21 @@ def main(argv=None):
     rank, _ = setup_ddp(args)
     torch.manual_seed(args.seed + rank)
     tokenizer, splits = prepare_data(args)
+    if args.prepare:
+        if rank == 0:
+            print(", ".join(f"{k}: {tuple(v[0].shape)} codes" for k, v in splits.items()) + f" in {args.out_dir}/tokens/")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return splits
+    if Path(args.data_dir, "train").is_dir() and args.eval_samples:  # FID-cls's classifier knows Fashion-MNIST only
+        args.eval_samples = 0
+        if rank == 0:
+            print("an image folder: the table has test NLL and KL; FID: torchrun ... evaluate.py CKPT --features inception")
+    if args.study:
+        results = study.run(args, tokenizer, splits)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return results
     for run in pipeline(args):
         metrics = train(run, tokenizer, splits, role=None if run is args else ROLES[
             "teacher" if run.out == args.teacher else run.method])

@@ -6,29 +6,33 @@ class accuracy; held-out NLL and KL to the teacher; the main job's table.
     python evaluate.py out/varkd/ckpt.pt --features inception --inception-weights pt_inception-2015-12-05-6726825d.pth
     python evaluate.py samples.npz                        # arr_0: uint8 (N, H, W, C), as ADM and LlamaGen write
     python evaluate.py folder_of_pngs/
+    torchrun --nproc_per_node 8 evaluate.py out/varkd/ckpt.pt --tokenizer vq_ds16_c2i.pt --features inception \
+        --n 50000 --cfg-scale 2.0 --ref VIRTUAL_imagenet256_labeled.npz     # ImageNet: 50k samples over 8 GPUs
 
 Every figure is named by its features: "FID" with the FID Inception (pytorch-fid's 2015-12-05
-weights; the architecture is written here), "FID-cls" with a small CNN trained on the dataset's
+weights; the network is in inception.py), "FID-cls" with a small CNN trained on the dataset's
 training split (<out-dir>/classifier.pt, trained once). There is no fallback from one to the other.
-Reference features of the real test split are computed once and cached by fingerprint
-(<out-dir>/ref/). Results go to metrics.json beside the target.
+Reference features of the real test split (or of --ref's images) are computed once and cached by
+fingerprint (<out-dir>/ref/); --ref's mu/sigma are used as they are. Results go to metrics.json
+beside the target.
 """
 import argparse
 import functools
 import json
 import os
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from data import atomic_write, download, fingerprint, load_fashion_mnist, save_grid
+from data import atomic_write, fingerprint, load_fashion_mnist, load_image_folder, save_grid
+from inception import InceptionV3, load_inception  # noqa: F401 (evaluate.InceptionV3 and load_inception, as DESIGN.md names them)
 from model import load_checkpoint
 from sample import generate
 from tokenizer import load_tokenizer
@@ -106,11 +110,13 @@ def inception_score(logits, splits=10):
     return scores.mean().item(), (scores.std().item() if len(scores) > 1 else 0.0)
 
 
-def metrics(real, fake, logits, labels=None, suffix=""):
-    """Every figure of one feature pass, each named by its features (suffix "-cls" or "")."""
-    out = {"FID": frechet_distance(*gaussian(real), *gaussian(fake))}
-    out["KID"], out["KID_std"] = kid(real, fake)
-    out["precision"], out["recall"] = precision_recall(real, fake)
+def metrics(real, fake, logits, labels=None, suffix="", real_stats=None):
+    """Every figure of one feature pass, each named by its features (suffix "-cls" or ""). With
+    real_stats (mu, sigma) from a file, FID uses them; KID and precision/recall need real features."""
+    out = {"FID": frechet_distance(*(real_stats or gaussian(real)), *gaussian(fake))}
+    if real is not None:
+        out["KID"], out["KID_std"] = kid(real, fake)
+        out["precision"], out["recall"] = precision_recall(real, fake)
     out["IS"], out["IS_std"] = inception_score(logits)
     if labels is not None:  # does the classifier agree with the class the sample was drawn for
         out["class_acc"] = float((np.asarray(logits).argmax(1) == np.asarray(labels)).mean())
@@ -195,168 +201,6 @@ def load_classifier(out_dir, data_dir):
 
 
 # ------------------------------------------------------------------------------------------------
-# The FID Inception: pytorch-fid's port of the TF graph inception-2015-12-05 that the FID paper used.
-
-FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                   "pt_inception-2015-12-05-6726825d.pth")
-FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
-
-
-def conv_bn(cin, cout, kernel, stride=1, padding=0):
-    """The graph's unit (torchvision's BasicConv2d): conv without bias, BatchNorm with TF's eps, ReLU."""
-    return nn.Sequential(OrderedDict(conv=nn.Conv2d(cin, cout, kernel, stride, padding, bias=False),
-                                     bn=nn.BatchNorm2d(cout, eps=0.001), relu=nn.ReLU(inplace=True)))
-
-
-def tf_avg_pool(x):
-    # TF's average pool divides by the pixels inside the image, so the zero padding must not count
-    # (torchvision's blocks count it; that and Mixed_7c's max pool are the FID variant's changes).
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-
-
-class InceptionA(nn.Module):
-    """Mixed_5b..5d (35x35): 1x1, 5x5, double 3x3 and pool branches."""
-    def __init__(self, cin, pool_features):
-        super().__init__()
-        self.branch1x1 = conv_bn(cin, 64, 1)
-        self.branch5x5_1, self.branch5x5_2 = conv_bn(cin, 48, 1), conv_bn(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = conv_bn(cin, 64, 1)
-        self.branch3x3dbl_2 = conv_bn(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = conv_bn(96, 96, 3, padding=1)
-        self.branch_pool = conv_bn(cin, pool_features, 1)
-
-    def forward(self, x):
-        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          self.branch_pool(tf_avg_pool(x))], 1)
-
-
-class InceptionB(nn.Module):
-    """Mixed_6a: 35x35 -> 17x17."""
-    def __init__(self, cin):
-        super().__init__()
-        self.branch3x3 = conv_bn(cin, 384, 3, stride=2)
-        self.branch3x3dbl_1 = conv_bn(cin, 64, 1)
-        self.branch3x3dbl_2 = conv_bn(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = conv_bn(96, 96, 3, stride=2)
-
-    def forward(self, x):
-        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class InceptionC(nn.Module):
-    """Mixed_6b..6e (17x17): 7x7 convs factored into 1x7 and 7x1."""
-    def __init__(self, cin, c7):
-        super().__init__()
-        row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
-        self.branch1x1 = conv_bn(cin, 192, 1)
-        self.branch7x7_1 = conv_bn(cin, c7, 1)
-        self.branch7x7_2, self.branch7x7_3 = conv_bn(c7, c7, **row), conv_bn(c7, 192, **col)
-        self.branch7x7dbl_1 = conv_bn(cin, c7, 1)
-        self.branch7x7dbl_2, self.branch7x7dbl_3 = conv_bn(c7, c7, **col), conv_bn(c7, c7, **row)
-        self.branch7x7dbl_4, self.branch7x7dbl_5 = conv_bn(c7, c7, **col), conv_bn(c7, 192, **row)
-        self.branch_pool = conv_bn(cin, 192, 1)
-
-    def forward(self, x):
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        b7dbl = self.branch7x7dbl_1(x)
-        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
-            b7dbl = conv(b7dbl)
-        return torch.cat([self.branch1x1(x), b7, b7dbl, self.branch_pool(tf_avg_pool(x))], 1)
-
-
-class InceptionD(nn.Module):
-    """Mixed_7a: 17x17 -> 8x8."""
-    def __init__(self, cin):
-        super().__init__()
-        self.branch3x3_1, self.branch3x3_2 = conv_bn(cin, 192, 1), conv_bn(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = conv_bn(cin, 192, 1)
-        self.branch7x7x3_2 = conv_bn(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = conv_bn(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = conv_bn(192, 192, 3, stride=2)
-
-    def forward(self, x):
-        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class InceptionE(nn.Module):
-    """Mixed_7b, 7c (8x8): 3x3 convs split into parallel 1x3 and 3x1 whose outputs are stacked."""
-    def __init__(self, cin, max_pool=False):
-        super().__init__()
-        row, col = dict(kernel=(1, 3), padding=(0, 1)), dict(kernel=(3, 1), padding=(1, 0))
-        self.branch1x1 = conv_bn(cin, 320, 1)
-        self.branch3x3_1 = conv_bn(cin, 384, 1)
-        self.branch3x3_2a, self.branch3x3_2b = conv_bn(384, 384, **row), conv_bn(384, 384, **col)
-        self.branch3x3dbl_1, self.branch3x3dbl_2 = conv_bn(cin, 448, 1), conv_bn(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a, self.branch3x3dbl_3b = conv_bn(384, 384, **row), conv_bn(384, 384, **col)
-        self.branch_pool = conv_bn(cin, 192, 1)
-        # The 2015 graph max-pools in Mixed_7c's pool branch (other Inceptions average): the
-        # weights were trained so, hence FID depends on it.
-        self.max_pool = max_pool
-
-    def forward(self, x):
-        b3, b3dbl = self.branch3x3_1(x), self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else tf_avg_pool(x)
-        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-                          self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl), self.branch_pool(pool)], 1)
-
-
-class InceptionV3(nn.Module):
-    """The FID Inception, without weights (load_inception gives them); state_dict keys are
-    pytorch-fid's. Grey images: replicate them to 3 channels first (to_inception_input does)."""
-    def __init__(self):
-        super().__init__()
-        self.Conv2d_1a_3x3 = conv_bn(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = conv_bn(32, 32, 3)
-        self.Conv2d_2b_3x3 = conv_bn(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = conv_bn(64, 80, 1)
-        self.Conv2d_4a_3x3 = conv_bn(80, 192, 3)
-        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
-        self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b, self.Mixed_7c = InceptionE(1280), InceptionE(2048, max_pool=True)
-        self.fc = nn.Linear(2048, 1008)  # the graph's 1008 outputs: ImageNet's 1000 classes and unused slots
-
-    def forward(self, x, logits=False):
-        """(N, 3, H, W) in [0, 1] -> (N, 2048) pool features, and the (N, 1008) logits if asked."""
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(2 * x - 1)))  # the graph takes [-1, 1]
-        x = F.max_pool2d(x, 3, stride=2)
-        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)  # (N, 192, 35, 35)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
-            x = block(x)
-        features = x.mean((2, 3))  # (N, 2048): the global average pool FID is computed on
-        return (features, self.fc(features)) if logits else features
-
-
-def load_inception(path=None, cache_dir=None, url=FID_WEIGHTS_URL, sha256=FID_WEIGHTS_SHA256):
-    """InceptionV3 with pytorch-fid's weights, from `path`, else from the cache (downloaded there
-    once, sha256 checked), in eval mode without gradients."""
-    if path is None:
-        cache_dir = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "vardistill"
-        path = Path(cache_dir).expanduser() / "pt_inception-2015-12-05-6726825d.pth"
-        if not path.exists():
-            download(url, path, sha256)
-    elif not Path(path).exists():
-        raise SystemExit(f"no Inception weights at {path}: check the path, or call load_inception() "
-                         f"without one to download them")
-    model = InceptionV3()
-    try:
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
-    except Exception as e:  # a damaged file, another pickle, missing or extra keys, other shapes
-        why = " ".join(str(e).split()).rstrip(".")
-        why = why if len(why) < 400 else why[:400] + " ..."
-        raise SystemExit(f"{path} is not the FID Inception weights ({why}): replace it with {url} "
-                         f"(sha256 {sha256}), or delete it if it is the cached copy") from None
-    return model.eval().requires_grad_(False)
-
-
-# ------------------------------------------------------------------------------------------------
 # Feature passes, reference statistics, targets.
 
 
@@ -393,13 +237,14 @@ def reference(extractor, images, cache_dir, device="cpu"):
 
 
 @torch.no_grad()
-def draw(model, tokenizer, n, cfg_scale=2.0, batch_size=500, seed=0):
-    """n class-balanced samples of a checkpoint: uint8 images (n, H, W, C) and their labels (n,)."""
+def draw(model, tokenizer, n, cfg_scale=2.0, batch_size=500, seed=0, rank=0, world=1):
+    """n class-balanced samples of a checkpoint: uint8 images (n, H, W, C) and their labels (n,);
+    under torchrun, this rank's share of them (every world-th, its own random stream)."""
     device = next(model.parameters()).device
-    labels = torch.arange(n, device=device) % model.config.num_classes
-    g = torch.Generator(device).manual_seed(seed)
+    labels = (torch.arange(n, device=device) % model.config.num_classes)[rank::world]
+    g = torch.Generator(device).manual_seed(seed + 1_000_003 * rank)
     grid, images = model.config.grid_size, []
-    for i in tqdm(range(0, n, batch_size), desc="sampling", leave=False):
+    for i in tqdm(range(0, len(labels), batch_size), desc="sampling", leave=False, disable=rank > 0):
         codes = generate(model, labels[i:i + batch_size], cfg_scale, generator=g)
         codes = codes.view(-1, grid, grid).to(next(tokenizer.parameters()).device)
         images.append(torch.as_tensor(tokenizer.decode(codes)).cpu())
@@ -426,28 +271,65 @@ def load_target(target, args):
         return (images[..., None] if images.ndim == 3 else images), (npz["arr_1"] if "arr_1" in npz else None)
     if not path.exists():
         raise SystemExit(f"no {path}: pass a checkpoint, an .npz of uint8 images or a folder of PNGs")
-    model = load_checkpoint(path).to(args.device)
-    tokenizer = load_tokenizer(args.tokenizer).to(args.device)
+    tokenizer = load_tokenizer(args.tokenizer, image_size=args.image_size).to(args.device)
+    model = load_checkpoint(path, args.preset, tokenizer.cfg.grid_size).to(args.device)
     made_with = torch.load(path, map_location="cpu", weights_only=True).get("fingerprints", {}).get("tokenizer")
     if made_with not in (None, tokenizer.fingerprint):
         raise SystemExit(f"{path} was trained on tokenizer {made_with}, not {args.tokenizer} ({tokenizer.fingerprint}): "
                          f"pass the --tokenizer it was trained with")
-    return draw(model.eval(), tokenizer, args.n, args.cfg_scale, seed=args.seed)
+    return draw(model.eval(), tokenizer, args.n, args.cfg_scale, seed=args.seed, rank=args.rank, world=args.world)
 
 
-def evaluate_images(images, labels, features, out_dir, data_dir, inception_weights=None, device="cpu"):
-    """All figures of a set of generated images against the real test split."""
-    real, real_labels = load_fashion_mnist("test", data_dir)
-    if images.shape[1:] != real.shape[1:]:
-        raise SystemExit(f"the images are {'x'.join(map(str, images.shape[1:]))} but the reference test split is "
-                         f"{'x'.join(map(str, real.shape[1:]))}: pass images of the dataset's size")
+def reference_images(ref, size, data_dir):
+    """The real images to compare with: Fashion-MNIST's test split (ref None), an .npz's arr_0, or
+    an image folder with one subfolder per class (e.g. ImageNet's val/, centre-cropped to `size`)."""
+    if ref is None:
+        return load_fashion_mnist("test", data_dir)[0]
+    if Path(ref).is_dir():
+        return load_image_folder(ref, size)[0]
+    return np.load(ref)["arr_0"]
+
+
+def evaluate_images(images, labels, features, out_dir, data_dir, inception_weights=None, device="cpu", ref=None):
+    """All figures of a set of generated images against real ones: the test split by default, or
+    `ref`: an .npz with the reference statistics mu / sigma (ADM's and LlamaGen's reference batches;
+    FID and IS then) and/or real images arr_0, or an image folder. Under torchrun every rank passes
+    its share; rank 0 gets the figures, the others None."""
     if images.dtype != np.uint8:
         raise SystemExit(f"the images are {images.dtype}, not uint8: pass pixels in 0..255")
     extractor = load_extractor(features, out_dir, data_dir, inception_weights, device)
     feats, logits = extract(extractor, images, device)
-    real_feats = reference(extractor, real, Path(out_dir) / "ref", device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        shares = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, (feats, logits, labels))
+        if dist.get_rank() > 0:
+            return None
+        feats, logits = np.concatenate([f for f, _, _ in shares]), np.concatenate([z for _, z, _ in shares])
+        labels = None if labels is None else np.concatenate([y for _, _, y in shares])
+    stats, has_images = None, False
+    if ref is not None and not (Path(ref).is_dir() or (Path(ref).suffix == ".npz" and Path(ref).is_file())):
+        raise SystemExit(f"no reference at {ref}: pass an .npz (mu/sigma and/or arr_0 images) or an image folder")
+    if ref is not None and Path(ref).suffix == ".npz":
+        try:
+            npz = np.load(ref)
+            stats = (npz["mu"], npz["sigma"]) if "mu" in npz and "sigma" in npz else None
+            has_images = "arr_0" in npz
+        except Exception as e:
+            raise SystemExit(f"{ref} is not a readable .npz ({e}): pass reference statistics saved with np.savez") from None
+        if stats is None and not has_images:
+            raise SystemExit(f"{ref} has neither mu/sigma nor arr_0: pass reference statistics (mu, sigma) or real images")
+        if stats is not None and stats[0].shape != feats.shape[1:]:
+            raise SystemExit(f"the reference statistics in {ref} are {stats[0].shape[0]}-d, the {features} features "
+                             f"{feats.shape[1]}-d: pass --features inception for Inception statistics")
+    real_feats = None
+    if ref is None or Path(ref).is_dir() or has_images:
+        real = reference_images(ref, images.shape[1], data_dir)
+        if images.shape[1:] != real.shape[1:]:
+            raise SystemExit(f"the images are {'x'.join(map(str, images.shape[1:]))} but the reference images are "
+                             f"{'x'.join(map(str, real.shape[1:]))}: pass images of the dataset's size")
+        real_feats = reference(extractor, real, Path(out_dir) / "ref", device)
     suffix = "-cls" if features == "cls" else ""  # every figure is named by its features
-    return metrics(real_feats, feats, logits, labels if features == "cls" else None, suffix)
+    return metrics(real_feats, feats, logits, labels if features == "cls" else None, suffix, stats)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -511,7 +393,8 @@ def report(path, ckpt, tokenizer, test_codes, test_labels, teacher, teacher_fp, 
     if "test_nll" not in held or ("test_kl" not in held and teacher is not None):
         held = held_out(model, test_codes, test_labels, teacher)
     line = {"params": sum(p.numel() for p in model.parameters()), "steps": ckpt["step"],
-            "wall_time": ckpt["metrics"].get("wall_time", 0.0), **held}
+            "wall_time": ckpt["metrics"].get("wall_time", 0.0), "teacher_seqs": ckpt["metrics"].get("teacher_seqs", 0),
+            **held}
     if args.eval_samples > 0:
         line.update(evaluate_images(images, labels, "cls", args.out_dir, args.data_dir, device=device))
     line.update(eval_time=time.time() - t0, samples=str(path.with_suffix(".png")))
@@ -523,12 +406,12 @@ def report(path, ckpt, tokenizer, test_codes, test_labels, teacher, teacher_fp, 
 
 def table(paths, tokenizer, test_codes, test_labels, args):
     """Print one line per finished checkpoint in `paths` (duplicates and unfinished runs skipped);
-    args: teacher, out_dir, data_dir, eval_samples, eval_cfg, seed, device."""
+    args: teacher, teacher_preset, out_dir, data_dir, eval_samples, eval_cfg, seed, device."""
     device = torch.device(args.device)
     test_codes, test_labels = test_codes.to(device), test_labels.to(device)
     teacher, teacher_fp = None, ""
     if Path(args.teacher).exists():
-        teacher = load_checkpoint(args.teacher).to(device)
+        teacher = load_checkpoint(args.teacher, args.teacher_preset, tokenizer.cfg.grid_size).to(device)
         teacher_fp = torch.load(args.teacher, map_location="cpu", weights_only=True).get("fingerprint", "")
     if args.eval_samples > 0:
         load_extractor("cls", args.out_dir, args.data_dir, None, device)  # trained if missing, before the table
@@ -540,8 +423,8 @@ def table(paths, tokenizer, test_codes, test_labels, args):
         if not Path(path).exists():
             continue
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if ckpt.get("step") != ckpt.get("args", {}).get("max_iters"):
-            continue
+        if "metrics" not in ckpt or ckpt["step"] != ckpt["args"]["max_iters"]:
+            continue  # unfinished, or not trained here (a LlamaGen teacher: no figures recorded)
         m = lines[path] = report(path, ckpt, tokenizer, test_codes, test_labels, teacher, teacher_fp, args)
         figures = [f"{m['test_kl']:.4f}" if "test_kl" in m else "-"] + [
             f"{m[c]:.{digits}f}" if c in m else "-" for c, digits in zip(cols, (2, 2, 3, 3, 2, 3))]
@@ -558,25 +441,51 @@ def main(argv=None):
     p.add_argument("target", help="a checkpoint, an .npz of uint8 images (arr_0) or a folder of PNGs")
     p.add_argument("--features", default="cls", choices=["cls", "inception"], help="cls: the in-domain "
                    "classifier (FID-cls, offline); inception: the FID Inception (FID) (default: cls)")
-    p.add_argument("--n", type=int, default=10000, help="samples drawn from a checkpoint, class-balanced (default: 10000)")
-    p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance of the samples (default: 2.0)")
+    p.add_argument("--n", type=int, default=10000, help="samples drawn from a checkpoint, class-balanced, "
+                   "split over the ranks under torchrun (default: 10000; ImageNet: 50000)")
+    p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance of the samples, "
+                   "as LlamaGen's --cfg-scale (default: 2.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--ref", help="real reference: an .npz with mu/sigma (e.g. ADM's VIRTUAL_imagenet256_labeled.npz) "
+                   "and/or arr_0 images, or an image folder (default: the Fashion-MNIST test split)")
     p.add_argument("--tokenizer", default="out/tokenizer.pt", help="the checkpoint's tokenizer (default: out/tokenizer.pt)")
+    p.add_argument("--preset", help="preset of a checkpoint without a config, e.g. B for LlamaGen's c2i_B_256.pt")
+    p.add_argument("--image-size", type=int, help="the tokenizer's image side, e.g. 384 (default: its own)")
     p.add_argument("--out-dir", default="out", help="where the classifier and reference features live (default: out)")
     p.add_argument("--data-dir", default="data", help="Fashion-MNIST folder (default: data, then the Debian package's)")
     p.add_argument("--inception-weights", help="pt_inception-2015-12-05-6726825d.pth (default: downloaded once)")
+    p.add_argument("--save-npz", help="also write the drawn samples here (arr_0 images, arr_1 labels), for "
+                   "other evaluators")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    args.rank, args.world = 0, 1
+    if "RANK" in os.environ:  # torchrun: each rank draws and scores its share, rank 0 reports
+        cuda = args.device.startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if cuda else "gloo")
+        args.rank, args.world = dist.get_rank(), dist.get_world_size()
+    if args.save_npz and args.world > 1:
+        p.error("--save-npz writes one file from one process: run without torchrun, or drop it")
     t0 = time.time()
     images, labels = load_target(args.target, args)
+    saved = Path(args.target).is_dir() or Path(args.target).suffix == ".npz"
+    n = len(images) if saved else args.n
+    if saved:  # each rank scores its share of saved samples; a checkpoint's are drawn per rank
+        images, labels = images[args.rank::args.world], None if labels is None else labels[args.rank::args.world]
     result = evaluate_images(images, labels, args.features, args.out_dir, args.data_dir, args.inception_weights,
-                             args.device)
-    result["n"], result["seconds"] = len(images), time.time() - t0
-    key = fingerprint(args.features, len(images), args.cfg_scale, args.seed)
-    save_metrics(Path(args.target), key, result)
-    width = max(map(len, result))
-    for k, v in result.items():
-        print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+                             args.device, args.ref)
+    if args.save_npz:
+        atomic_write(args.save_npz, lambda tmp: np.savez(tmp, images, labels))
+    if args.rank == 0:
+        result["n"], result["seconds"] = n, time.time() - t0
+        key = fingerprint(args.features, result["n"], args.cfg_scale, args.seed, args.ref)
+        save_metrics(Path(args.target), key, result)
+        width = max(map(len, result))
+        for k, v in result.items():
+            print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return result
 
 

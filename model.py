@@ -296,7 +296,8 @@ def load_checkpoint(path, preset=None, grid_size=None):
                                  f"drop the preset, the checkpoint's own config is used")
         if grid_size is not None and grid_size != config.grid_size:
             raise SystemExit(f"checkpoint {path} was trained on a {config.grid_size}x{config.grid_size} "
-                             f"grid, not {grid_size}: drop the grid size")
+                             f"grid of codes, not {grid_size}x{grid_size}: pass the tokenizer and image size it "
+                             f"was trained with")
     else:
         if preset is None:
             raise SystemExit(f"checkpoint {path} has no config (a LlamaGen file?): pass the preset it "

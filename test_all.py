@@ -27,6 +27,8 @@ from PIL import Image
 import data
 import distill
 import evaluate
+import inception
+import study
 import tokenizer as tok
 from model import GPT, PRESETS, GPTConfig, load_checkpoint
 from sample import filtered_probs, generate, mixed_rollout, sample_logits, zipar_schedule
@@ -765,9 +767,53 @@ def test_the_pipeline_builds_every_artifact_once_then_reuses_them(small_tokenize
     distill.main(argv)
     second = capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in artifacts} == stamps  # nothing rebuilt, nothing re-measured
-    assert second.count("reusing it") == 4 and "training one" not in second
+    # the teacher, kd and varkd; ce is not even looked at, kd exists (and records where it started)
+    assert second.count("reusing it") == 3 and "training one" not in second
     table = second[second.index("FID-cls"):]
     assert all(str(p) in table for p in ckpts)
+
+
+def test_the_study_writes_its_results_and_resumes_without_redoing_finished_runs(small_tokenizer, quick_classifier,
+                                                                                tmp_path, capsys):
+    tok.save_tokenizer(small_tokenizer, tmp_path / "tokenizer.pt")
+    (tmp_path / "classifier.pt").write_bytes(quick_classifier.read_bytes())
+    argv = ["--study", "--seeds", "0,1", "--out-dir", str(tmp_path), "--size", "tiny", "--teacher-size", "tiny",
+            "--teacher-iters", "10", "--max-iters", "3", "--study-iters", "2", "--batch-size", "16",
+            "--eval-seqs", "50", "--eval-samples", "100"]
+    results = distill.main(argv)
+    runs = ["ce", "kd"] + [name for name, *_ in study.ROWS]
+    ckpts = [tmp_path / "study" / f"seed{s}" / name / "ckpt.pt" for s in (0, 1) for name in runs]
+    assert all(p.exists() for p in ckpts)
+    saved = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert saved["rows"] == results["rows"] and [r["name"] for r in saved["rows"]] == ["teacher"] + runs
+    rows = {r["name"]: r for r in saved["rows"]}
+    for row in saved["rows"]:
+        for key, *_ in study.FIGURES:
+            assert len(row[key]["values"]) == 2 and np.isclose(row[key]["mean"], np.mean(row[key]["values"])), key
+    fid = {name: rows[name]["FID-cls"]["values"] for name in ("teacher", "ce", "varkd")}
+    expected = [(c - v) / (c - t) for t, c, v in zip(fid["teacher"], fid["ce"], fid["varkd"])]
+    assert np.allclose(rows["varkd"]["gap_closure"]["values"], expected)
+    assert rows["varkd"]["steps"] == 2 and rows["kd"]["steps"] == 3 and rows["teacher"]["steps"] == 10
+    assert rows["ce"]["teacher_seqs"]["mean"] == 0 and rows["kd"]["teacher_seqs"]["mean"] == 3 * 16
+    assert rows["seqkd"]["teacher_seqs"]["mean"] == 8192 + 2 * 16  # its pool, then its batches
+    assert "beats_kd_cont" in rows["varkd"] and "beats_kd_cont" not in rows["ce"]
+    table = (tmp_path / "study" / "results.md").read_text().splitlines()
+    assert len([line for line in table if line.startswith("| ")]) == 1 + len(runs) + 1  # header, teacher, rows
+    assert "| varkd (+ parallel rollouts = VarKD) | 2 | 4.58 |" in "\n".join(table)
+    with Image.open(tmp_path / "study" / "compare.png") as im:
+        assert im.height > (1 + len(runs)) * 28 * 2  # a row of samples per model, twice the size
+    # a study killed during seed 1's varkd: run again, only that run is trained and measured
+    lost = tmp_path / "study" / "seed1" / "varkd" / "ckpt.pt"
+    before = torch.load(lost, weights_only=True)["fingerprint"]
+    lost.unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in ckpts if p != lost}
+    capsys.readouterr()
+    again = distill.main(argv)
+    out = capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and out.count("reusing it") == 2 * len(runs)
+    assert torch.load(lost, weights_only=True)["fingerprint"] == before  # the same weights: runs are reproducible
+    for old, new in zip(results["rows"], again["rows"]):  # measured once: the same figures (wall time aside)
+        assert old["FID-cls"] == new["FID-cls"] and old["test_nll"] == new["test_nll"], old["name"]
 
 
 def test_torchrun_ranks_agree_and_match_one_process(trained_setup, tiny_teacher, tmp_path):
@@ -911,7 +957,7 @@ def test_inception_state_dict_has_pytorch_fid_keys_shapes_and_dtypes():
 
 def test_inception_average_pools_leave_the_padding_out():
     # TF's average pool: a constant image stays constant up to its borders
-    assert torch.equal(evaluate.tf_avg_pool(torch.ones(1, 1, 5, 5)), torch.ones(1, 1, 5, 5))
+    assert torch.equal(inception.tf_avg_pool(torch.ones(1, 1, 5, 5)), torch.ones(1, 1, 5, 5))
 
 
 def test_inception_loads_saved_weights_and_gives_features_and_logits_for_grey_images(tmp_path):
@@ -957,3 +1003,105 @@ def test_inception_weights_are_downloaded_once_to_the_cache_and_checked(http_ser
     with pytest.raises(SystemExit, match="sha256"):
         evaluate.load_inception(cache_dir=tmp_path / "cache2", url=url + "bad.pth", sha256=sha)
     assert not any((tmp_path / "cache2").glob("*"))
+
+
+# ------------------------------------------------------------------------------ ImageNet scale
+
+
+def test_vq16_encodes_256px_to_16x16_codes_decodes_back_and_groups_its_codebook(tmp_path):
+    torch.manual_seed(0)
+    torch.save({"model": tok.VQModel(tok.VQConfig(**tok.PRESETS["VQ-16"])).state_dict()}, tmp_path / "vq.pt")
+    model = tok.load_tokenizer(tmp_path / "vq.pt")  # LlamaGen's file: no config, the VQ-16 preset
+    images = np.random.default_rng(0).integers(0, 256, (1, 256, 256, 3), dtype=np.uint8)
+    codes = model.encode(images)
+    assert codes.shape == (1, 16, 16) and 0 <= codes.min() and codes.max() < 16384
+    assert torch.allclose(model.codebook().norm(dim=-1), torch.ones(16384))  # L2-normalised codebook
+    out = model.decode(codes)
+    assert out.shape == (1, 256, 256, 3) and out.dtype == torch.uint8
+    groups = model.codebook_groups(16384 // 4)
+    assert groups.shape == (16384,) and len(groups.unique()) == groups.max() + 1 > 4000
+    assert tok.load_tokenizer(tmp_path / "vq.pt", image_size=384).cfg.grid_size == 24
+    with pytest.raises(SystemExit, match="not a multiple of the tokenizer's downsampling 16"):
+        tok.load_tokenizer(tmp_path / "vq.pt", image_size=300)
+
+
+def make_class_folder(root, n_per_class, seed=0):
+    rng = np.random.default_rng(seed)
+    for c, n in n_per_class.items():
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            size = (int(rng.integers(32, 60)), int(rng.integers(32, 60)), 3)
+            Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(root / c / f"{i}.png")
+
+
+def fake_encode(images, calls=None, fail_at=None):
+    """A stand-in tokenizer: 32 px -> 4x4 codes that depend on every flip and crop."""
+    if calls is not None:
+        calls.append(len(images))
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt("killed")
+    return images.reshape(len(images), 4, 8, 4, 8, 3).astype(np.int64).sum((2, 4, 5)) % 64
+
+
+def test_image_folder_extraction_shards_over_ranks_and_resumes_after_an_interruption(tmp_path):
+    make_class_folder(tmp_path / "train", {"cat": 3, "dog": 2})
+    paths, labels, _ = data.image_folder_files(tmp_path / "train")
+    kw = dict(chunk=2, batch_size=2, workers=0)
+    reference = data.folder_token_cache(tmp_path / "ref" / "train", tmp_path / "train", 32, fake_encode, "tokA", **kw)
+    # rank 1 of 2 takes chunk 1 (images 2, 3); rank 0 is killed after chunk 0, before chunk 2
+    parts = tmp_path / "tokens" / "train.parts"
+    assert data.encode_chunks(parts, paths, 32, fake_encode, rank=1, world=2, **kw) == [1]
+    calls = []
+    with pytest.raises(KeyboardInterrupt):
+        data.encode_chunks(parts, paths, 32, lambda x: fake_encode(x, calls, fail_at=2), rank=0, world=2, **kw)
+    assert sorted(p.name for p in parts.glob("*.npy")) == ["000000.npy", "000001.npy"]
+    calls = []  # run again, one rank: only chunk 2 is left to encode
+    codes, got_labels, _ = data.folder_token_cache(tmp_path / "tokens" / "train", tmp_path / "train", 32,
+                                                   lambda x: fake_encode(x, calls), "tokA", **kw)
+    assert calls == [2] and not parts.exists()  # one image and its flip; the chunks merged, then removed
+    assert np.array_equal(codes, reference[0]) and codes.shape == (10, 4, 4)
+    assert got_labels.tolist() == np.repeat(labels, 2).tolist()
+    crop = data.load_image(paths[3], 32)
+    assert np.array_equal(codes[6], fake_encode(crop[None])[0]) and np.array_equal(codes[7], fake_encode(crop[None, :, ::-1])[0])
+    with pytest.raises(SystemExit, match="built by tokenizer tokA, not by this one"):
+        data.folder_token_cache(tmp_path / "tokens" / "train", tmp_path / "train", 32, fake_encode, "tokB", **kw)
+
+
+def test_a_llamagen_layout_pair_distils_on_an_image_folder_and_is_evaluated(tmp_path):
+    make_class_folder(tmp_path / "imagenet" / "train", {"n01": 6, "n02": 6})
+    make_class_folder(tmp_path / "imagenet" / "val", {"n01": 2, "n02": 2}, seed=1)
+    torch.manual_seed(0)  # a VQ-16-architecture tokenizer at 32 px: 4x4 codes of 64
+    vq = tok.VQModel(tok.VQConfig(arch="vqgan", image_size=32, in_channels=3, ch=32, ch_mult=(1, 1, 2, 2),
+                                  num_res_blocks=1, z_channels=32, codebook_size=64))
+    vq.fingerprint = tok.weights_fingerprint(vq)
+    tok.save_tokenizer(vq, tmp_path / "vq.pt")
+    for name, seed in (("teacher", 0), ("student", 1)):  # LlamaGen's files: {"model": state_dict}, no config
+        torch.save({"model": tiny_model(seed, vocab_size=64, num_classes=2).state_dict()}, tmp_path / f"c2i_{name}.pt")
+    common = ["--data-dir", str(tmp_path / "imagenet"), "--out-dir", str(tmp_path / "out"), "--tokenizer",
+              str(tmp_path / "vq.pt"), "--teacher", str(tmp_path / "c2i_teacher.pt"), "--teacher-preset", "tiny",
+              "--batch-size", "4", "--max-iters", "1", "--eval-seqs", "4"]
+    splits = distill.main(["--prepare", *common])  # the token extraction alone
+    assert splits["train"][0].shape == (24, 16) and splits["test"][0].shape == (8, 16)  # 12 and 4 images, x 2 views
+    assert splits["train"][0].dtype == torch.int16 and splits["train"][1].tolist() == [0] * 12 + [1] * 12
+    distill.main(["--method", "kd", "--student", str(tmp_path / "c2i_student.pt"), "--student-preset", "tiny", *common])
+    distill.main(["--method", "varkd", "--size", "tiny", *common])  # stage 2 from out/kd/ckpt.pt
+    tokens = json.loads((tmp_path / "out" / "tokens" / "train.json").read_text())
+    assert tokens["shape"] == [24, 4, 4]  # 12 images, each cropped and flipped
+    kd, varkd = (torch.load(tmp_path / "out" / m / "ckpt.pt", weights_only=True) for m in ("kd", "varkd"))
+    assert varkd["fingerprints"]["init"] == kd["fingerprint"] and kd["step"] == varkd["step"] == 1
+    assert np.isfinite(varkd["metrics"]["test_kl"])  # measured on val/: 4 images x 2 views
+    save_fake_inception(tmp_path / "inception.pth")
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(2048, 2048)) / 50
+    np.savez(tmp_path / "ref.npz", mu=rng.normal(size=2048), sigma=a @ a.T)
+    for target, extra in ((tmp_path / "out" / "varkd" / "ckpt.pt", []), (tmp_path / "c2i_student.pt", ["--preset", "tiny"])):
+        result = evaluate.main([str(target), "--features", "inception", "--inception-weights",
+                                str(tmp_path / "inception.pth"), "--n", "4", "--ref", str(tmp_path / "ref.npz"),
+                                "--tokenizer", str(tmp_path / "vq.pt"), "--out-dir", str(tmp_path / "out"), *extra])
+        assert result["n"] == 4 and result["FID"] > 0 and 1 <= result["IS"] <= 4 and "KID" not in result
+    torch.save({"model": tiny_model(2, vocab_size=32, num_classes=2).state_dict()}, tmp_path / "c2i_other.pt")
+    with pytest.raises(SystemExit, match=r"the student .*c2i_other.pt predicts 32 codes, the tokenizer has 64"):
+        distill.main(["--method", "kd", "--student", str(tmp_path / "c2i_other.pt"), "--student-preset", "tiny",
+                      "--out", str(tmp_path / "x.pt"), *common])
+    with pytest.raises(SystemExit, match="an image folder needs a trained one"):
+        distill.main(["--method", "kd", *common[:4]])

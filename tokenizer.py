@@ -242,9 +242,10 @@ def save_tokenizer(model, path, **meta):
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_tokenizer(path, preset="VQ-16"):
+def load_tokenizer(path, preset="VQ-16", image_size=None):
     """Our tokenizer checkpoints, or LlamaGen's (vq_ds16_c2i.pt: {"model": state_dict}, no config,
-    built with `preset`). Returns the model in eval mode with .fingerprint set from its weights."""
+    built with `preset`); image_size overrides the side it encodes (VQ-16 is convolutional: LlamaGen
+    uses it at 256 and 384 px). Returns the model in eval mode with .fingerprint set from its weights."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -260,6 +261,10 @@ def load_tokenizer(path, preset="VQ-16"):
         cfg = dict(ckpt["config"], ch_mult=tuple(ckpt["config"]["ch_mult"]))
     else:
         cfg = PRESETS[preset]
+    cfg = {**cfg, "image_size": image_size or cfg.get("image_size", VQConfig.image_size)}
+    if cfg["image_size"] % 2 ** (len(cfg.get("ch_mult", VQConfig.ch_mult)) - 1):
+        raise SystemExit(f"--image-size {image_size} is not a multiple of the tokenizer's downsampling "
+                         f"{2 ** (len(cfg.get('ch_mult', VQConfig.ch_mult)) - 1)}: pick one that is")
     model = VQModel(VQConfig(**cfg))
     own = model.state_dict()
     missing = [k for k in own if k not in sd]

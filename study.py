@@ -1,0 +1,185 @@
+"""The reproduction study: every method, the paper's VarKD ablation and two controls, over seeds.
+
+    python distill.py --study --seeds 0,1,2              # about 100 minutes on 2 CPU cores
+    python distill.py --study --seeds 0,1 --study-iters 400
+
+One tokenizer and one teacher (out/tokenizer.pt, out/teacher.pt) serve every seed. Per seed, under
+out/study/seed<s>/: the no-KD student (ce, --max-iters steps), stage-1 KD from it, then from the KD
+checkpoint --study-iters more steps of each row below (the paper's setting: stage 2 starts from
+stage-1 KD). A killed study is run again with the same command: finished runs are reused, the
+unfinished one continues from its last checkpoint, measured models are not measured again.
+
+Writes out/study/results.md and results.json (mean +- std over seeds of every figure, gap closure,
+whether a row beats kd continued by more than the spread) and out/study/compare.png (one row per
+model, one column per class, the same sampling seed for every row).
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from data import CLASSES, atomic_write
+from evaluate import draw, table
+from model import load_checkpoint
+
+# name, method, flags, what it is, the paper's ImageNet FID (LlamaGen-L -> B; Table 1 and Table 2)
+ROWS = [
+    ("kd_cont", "kd", [], "kd continued (control)", None),
+    ("ce_cont", "ce", ["--lr", "1e-3"], "ce continued, no teacher (control)", None),
+    ("seqkd", "seqkd", [], "SeqKD: teacher samples", 5.08),
+    ("onpolicy", "onpolicy", [], "GKD: mixed prefixes, lambda 0.1, JSD 0.5", 4.94),
+    ("varkd_rkl", "varkd", ["--no-entropy-weights", "--no-truncation", "--no-groups", "--no-parallel"],
+     "mixed rollouts, reverse KL only", None),
+    ("varkd_entropy", "varkd", ["--no-groups", "--no-parallel"], "+ entropy weights, truncation", 4.66),
+    ("varkd_groups", "varkd", ["--no-parallel"], "+ codebook relaxation", 4.60),
+    ("varkd", "varkd", [], "+ parallel rollouts = VarKD", 4.58),
+    ("varkd_lam0.5", "varkd", ["--lam", "0.5"], "VarKD, rollouts on half the steps", None),
+]
+STAGE1 = [("ce", "no-KD student", 6.51), ("kd", "stage-1 KD", 4.92)]
+FIGURES = [("FID-cls", "FID-cls", 2), ("KID-cls", "KID-cls", 2), ("precision-cls", "prec", 3),
+           ("recall-cls", "recall", 3), ("IS-cls", "IS-cls", 2), ("class_acc-cls", "acc", 3),
+           ("test_nll", "NLL", 3), ("test_kl", "KL(T|m)", 3), ("wall_time", "train min", 1),
+           ("teacher_seqs", "teacher seqs (k)", 1)]
+
+
+def study_runs(args, seed):
+    """The runs of one seed, parents first: [(name, run args)]."""
+    from distill import get_args  # distill.py calls this module: import on use
+    base = f"{args.out_dir}/study/seed{seed}"
+    shared = {**args.shared, "seed": seed, "resume": True}
+    ce = get_args([], **shared, method="ce", out=f"{base}/ce/ckpt.pt")
+    runs = [("ce", ce), ("kd", get_args([], **shared, method="kd", out=f"{base}/kd/ckpt.pt", init=ce.out))]
+    stage2 = {**shared, "max_iters": args.study_iters, "init": runs[1][1].out}
+    return runs + [(name, get_args(["--method", method, *flags], **stage2, out=f"{base}/{name}/ckpt.pt"))
+                   for name, method, flags, _, _ in ROWS]
+
+
+def run(args, tokenizer, splits):
+    """Train what is missing, measure what is unmeasured, then write the results."""
+    from distill import rank_world, stage_args, train
+    t0, (rank, _) = time.time(), rank_world()
+    seeds = [int(s) for s in str(args.seeds).split(",")]
+    if args.teacher == f"{args.out_dir}/teacher.pt":
+        train(stage_args(args, "teacher"), tokenizer, splits, role="teacher")
+    lines = {}  # (name, seed) -> the table line of that model
+    for seed in seeds:
+        runs = study_runs(args, seed)
+        for name, r in runs:
+            print(f"\n== study, seed {seed}: {name} ==")
+            train(r, tokenizer, splits)
+        if rank > 0:  # rank 0 measures and writes
+            continue
+        # sampled with the seed of the runs (the teacher too: its row shows the sampling noise alone)
+        measured = table([args.teacher] + [r.out for _, r in runs], tokenizer, *splits["test"][:2],
+                         argparse.Namespace(**{**vars(args), "seed": seed}))
+        lines[("teacher", seed)] = measured[args.teacher]
+        lines.update({(name, seed): measured[r.out] for name, r in runs})
+    if rank > 0:
+        return None
+    results = summarise(lines, seeds, args)
+    results["wall_time_this_call"] = time.time() - t0
+    out = Path(args.out_dir) / "study"
+    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+    markdown = results_markdown(results)
+    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(markdown))
+    compare_image([args.teacher] + [r.out for _, r in study_runs(args, seeds[0])],
+                  ["teacher"] + [n for n, _ in study_runs(args, seeds[0])], tokenizer, out / "compare.png",
+                  args.eval_cfg, args.device)
+    print("\n" + markdown + f"\nwrote {out}/results.md, results.json, compare.png")
+    return results
+
+
+def mean_std(values):
+    values = np.asarray(values, float)
+    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            "values": values.tolist()}
+
+
+def summarise(lines, seeds, args):
+    """Per row: mean +- std over seeds of every figure; gap closure per seed against that seed's
+    no-KD student and the teacher sampled with the same seed; whether the row's FID-cls beats kd
+    continued (same number of steps) by more than the larger of the two spreads."""
+    info = {"teacher": ("teacher", None, "ce", [])} | {n: (what, fid, "ce" if n == "ce" else "kd", [])
+                                                       for n, what, fid in STAGE1}
+    info |= {n: (what, fid, method, flags) for n, method, flags, what, fid in ROWS}
+    fid = {key: line.get("FID-cls") for key, line in lines.items()}
+    rows = []
+    for name, (what, paper, method, flags) in info.items():
+        row = {"name": name, "what": what, "method": method, "flags": flags, "paper_fid": paper, "seeds": seeds,
+               "steps": lines[(name, seeds[0])]["steps"]}
+        for key, _, _ in FIGURES:
+            values = [lines[(name, s)].get(key, 0.0 if key == "teacher_seqs" else None) for s in seeds]
+            if None not in values:
+                row[key] = mean_std(values)
+        if None not in fid.values() and name not in ("teacher", "ce"):
+            row["gap_closure"] = mean_std([(fid[("ce", s)] - fid[(name, s)]) / (fid[("ce", s)] - fid[("teacher", s)])
+                                           for s in seeds])
+        rows.append(row)
+    by_name = {r["name"]: r for r in rows}
+    if "FID-cls" in by_name["kd_cont"]:
+        base = by_name["kd_cont"]["FID-cls"]
+        for r in rows[3:]:
+            if r["name"] != "kd_cont":
+                m = r["FID-cls"]
+                r["beats_kd_cont"] = base["mean"] - m["mean"] > max(base["std"], m["std"])
+    return {"command": f"python distill.py --study --seeds {args.seeds} --study-iters {args.study_iters}",
+            "stage1_iters": lines[("ce", seeds[0])]["steps"], "study_iters": args.study_iters,
+            "eval_samples": args.eval_samples, "eval_cfg": args.eval_cfg, "rows": rows,
+            "wall_time_training": sum(line.get("wall_time", 0.0) for line in lines.values()),
+            "wall_time_evaluation": sum(line.get("eval_time", 0.0) for line in lines.values())}
+
+
+def results_markdown(results):
+    def cell(row, key, digits):
+        if key not in row:
+            return "-"
+        m, scale = row[key], {"wall_time": 1 / 60, "teacher_seqs": 1e-3}.get(key, 1)
+        text = f"{m['mean'] * scale:.{digits}f}"
+        return text + (f" ± {m['std'] * scale:.{digits}f}" if len(m["values"]) > 1 else "")
+    head = ["model", "steps", "paper FID"] + [label for _, label, _ in FIGURES] + ["gap closed", "beats kd_cont"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results["rows"]:
+        beats = {True: "yes", False: "no"}.get(r.get("beats_kd_cont"), "")
+        paper = "" if r["paper_fid"] is None else f"{r['paper_fid']:.2f}"
+        cells = [f"{r['name']} ({r['what']})", str(r["steps"]), paper]
+        cells += [cell(r, key, digits) for key, _, digits in FIGURES] + [cell(r, "gap_closure", 2), beats]
+        out.append("| " + " | ".join(cells) + " |")
+    n = len(results["rows"][0]["seeds"])
+    out.append(f"\nMean ± std over {n} seed{'s' * (n > 1)} ({', '.join(map(str, results['rows'][0]['seeds']))}). "
+               f"Stage 1: {results['stage1_iters']} steps each of ce and kd (kd from ce); every other student "
+               f"starts from kd and trains {results['study_iters']} more steps. The -cls figures: "
+               f"{results['eval_samples']} samples at CFG {results['eval_cfg']} against the test split (the teacher "
+               f"is sampled once per seed); NLL and KL(teacher || model) in nats per code on the test split; teacher "
+               f"seqs: sequences the teacher scored or sampled, in thousands (a CFG sample counts twice); gap closed "
+               f"= (FID_ce - FID_m) / (FID_ce - FID_teacher) per seed; beats kd_cont: mean FID-cls lower than kd "
+               f"continued by more than the larger std. Paper FID: ImageNet 256, LlamaGen-L -> B, Inception features.")
+    return "\n".join(out) + "\n"
+
+
+@torch.no_grad()
+def compare_image(paths, names, tokenizer, path, cfg_scale, device, per_class=2, seed=1234, scale=2):
+    """One row per model, `per_class` samples per class in class order, the same sampling seed for
+    every row: the differences between methods at a glance."""
+    rows = []
+    for ckpt in paths:
+        model = load_checkpoint(ckpt).to(device).eval()
+        classes = model.config.num_classes
+        images, _ = draw(model, tokenizer, per_class * classes, cfg_scale, seed=seed)  # labels cycle the classes
+        rows.append(images)  # (per_class * classes, H, W, C), image i of class i % classes
+    (h, w, channels), gap, label_w, head_h = rows[0].shape[1:], 4, 100, 14
+    cell = per_class * w * scale + gap  # one class: its samples side by side, then a gap
+    canvas = Image.new("L" if channels == 1 else "RGB", (label_w + classes * cell, head_h + len(rows) * (h * scale + gap)), 255)
+    pen = ImageDraw.Draw(canvas)
+    for c in range(classes):
+        pen.text((label_w + c * cell, 1), (CLASSES[c] if classes == len(CLASSES) else str(c))[:11], fill=0)
+    for r, (images, name) in enumerate(zip(rows, names)):
+        y = head_h + r * (h * scale + gap)
+        pen.text((4, y + h * scale // 2 - 6), name, fill=0)
+        for i, image in enumerate(images):
+            tile = Image.fromarray(image[..., 0] if channels == 1 else image).resize((w * scale, h * scale), Image.NEAREST)
+            canvas.paste(tile.convert(canvas.mode), (label_w + (i % classes) * cell + (i // classes) * w * scale, y))
+    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
