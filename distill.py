@@ -357,7 +357,9 @@ def load_parent(path, role, fingerprints, device, preset, tokenizer):
         raise SystemExit(f"the {role} {path} predicts {model.config.vocab_size} codes, the tokenizer has "
                          f"{tokenizer.cfg.codebook_size}: pass the --tokenizer it was trained with")
     weights_fp = ckpt.get("fingerprint") or fingerprint(*(v.numpy() for v in model.state_dict().values()))
-    return model.to(device), weights_fp
+    # its test NLL and KL, measured at the end of its run against this run's teacher, if it was
+    measured = ckpt.get("metrics", {}) if theirs.get("teacher", 0) == fingerprints.get("teacher") else {}
+    return model.to(device), weights_fp, {k: measured[k] for k in ("test_nll", "test_kl") if k in measured}
 
 
 @torch.no_grad()
@@ -454,12 +456,13 @@ def train(args, tokenizer, splits, role=None):
                                                       if k in started}})
     teacher = groups = None
     if args.method != "ce":
-        teacher, fingerprints["teacher"] = load_parent(args.teacher, "teacher", fingerprints, device,
+        teacher, fingerprints["teacher"], _ = load_parent(args.teacher, "teacher", fingerprints, device,
                                                        args.teacher_preset, tokenizer)
         teacher.requires_grad_(False)
-    init = None
+    init, init_measured = None, {}
     if args.init != "none":
-        init, fingerprints["init"] = load_parent(args.init, "student", fingerprints, device, args.size, tokenizer)
+        init, fingerprints["init"], init_measured = load_parent(args.init, "student", fingerprints, device,
+                                                                args.size, tokenizer)
         if asdict(init.config) != asdict(config):
             raise SystemExit(f"{args.init} is not a --size {args.size} model ({init.config.n_layer} layers of "
                              f"width {init.config.dim}, not {config.n_layer} x {config.dim}): pass the --size it "
@@ -500,7 +503,8 @@ def train(args, tokenizer, splits, role=None):
         about = f", about {minutes:.0f} minutes on 2 CPU cores" if default and minutes else ""
         print(f"no {role} at {args.out}: training one ({what}{about})" if role else f"{what}{about}")
     if teacher is not None and start == 0 and rank == 0:
-        metrics["start"] = held_out(model, test_codes, test_labels, teacher)
+        metrics["start"] = (init_measured if len(init_measured) == 2 else
+                            held_out(model, test_codes, test_labels, teacher))
         print(f"before: test NLL {metrics['start']['test_nll']:.4f}, KL(teacher || student) "
               f"{metrics['start']['test_kl']:.4f} nats/code")
     ddp_model = DDP(model) if world > 1 else model

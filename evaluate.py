@@ -7,7 +7,7 @@ class accuracy; held-out NLL and KL to the teacher; the main job's table.
     python evaluate.py samples.npz                        # arr_0: uint8 (N, H, W, C), as ADM and LlamaGen write
     python evaluate.py folder_of_pngs/
     torchrun --nproc_per_node 8 evaluate.py out/varkd/ckpt.pt --tokenizer vq_ds16_c2i.pt --features inception \
-        --n 50000 --cfg-scale 2.0 --ref VIRTUAL_imagenet256_labeled.npz     # ImageNet: 50k samples over 8 GPUs
+        --num-samples 50000 --cfg-scale 2.0 --ref VIRTUAL_imagenet256_labeled.npz     # ImageNet: 50k samples over 8 GPUs
 
 Every figure is named by its features: "FID" with the FID Inception (pytorch-fid's 2015-12-05
 weights; the network is in inception.py), "FID-cls" with a small CNN trained on the dataset's
@@ -277,7 +277,7 @@ def load_target(target, args):
     if made_with not in (None, tokenizer.fingerprint):
         raise SystemExit(f"{path} was trained on tokenizer {made_with}, not {args.tokenizer} ({tokenizer.fingerprint}): "
                          f"pass the --tokenizer it was trained with")
-    return draw(model.eval(), tokenizer, args.n, args.cfg_scale, seed=args.seed, rank=args.rank, world=args.world)
+    return draw(model.eval(), tokenizer, args.num_samples, args.cfg_scale, seed=args.seed, rank=args.rank, world=args.world)
 
 
 def reference_images(ref, size, data_dir):
@@ -297,6 +297,10 @@ def evaluate_images(images, labels, features, out_dir, data_dir, inception_weigh
     its share; rank 0 gets the figures, the others None."""
     if images.dtype != np.uint8:
         raise SystemExit(f"the images are {images.dtype}, not uint8: pass pixels in 0..255")
+    real = reference_images(None, None, data_dir) if ref is None else None  # checked before any feature pass
+    if real is not None and images.shape[1:] != real.shape[1:]:
+        raise SystemExit(f"the images are {'x'.join(map(str, images.shape[1:]))} but the reference test split is "
+                         f"{'x'.join(map(str, real.shape[1:]))}: pass images of the dataset's size")
     extractor = load_extractor(features, out_dir, data_dir, inception_weights, device)
     feats, logits = extract(extractor, images, device)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -323,7 +327,7 @@ def evaluate_images(images, labels, features, out_dir, data_dir, inception_weigh
                              f"{feats.shape[1]}-d: pass --features inception for Inception statistics")
     real_feats = None
     if ref is None or Path(ref).is_dir() or has_images:
-        real = reference_images(ref, images.shape[1], data_dir)
+        real = real if ref is None else reference_images(ref, images.shape[1], data_dir)
         if images.shape[1:] != real.shape[1:]:
             raise SystemExit(f"the images are {'x'.join(map(str, images.shape[1:]))} but the reference images are "
                              f"{'x'.join(map(str, real.shape[1:]))}: pass images of the dataset's size")
@@ -441,7 +445,8 @@ def main(argv=None):
     p.add_argument("target", help="a checkpoint, an .npz of uint8 images (arr_0) or a folder of PNGs")
     p.add_argument("--features", default="cls", choices=["cls", "inception"], help="cls: the in-domain "
                    "classifier (FID-cls, offline); inception: the FID Inception (FID) (default: cls)")
-    p.add_argument("--n", type=int, default=10000, help="samples drawn from a checkpoint, class-balanced, "
+    # not --n: torchrun's parser would take it for an abbreviation of one of its own flags
+    p.add_argument("--num-samples", type=int, default=10000, help="samples drawn from a checkpoint, class-balanced, "
                    "split over the ranks under torchrun (default: 10000; ImageNet: 50000)")
     p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance of the samples, "
                    "as LlamaGen's --cfg-scale (default: 2.0)")
@@ -470,7 +475,7 @@ def main(argv=None):
     t0 = time.time()
     images, labels = load_target(args.target, args)
     saved = Path(args.target).is_dir() or Path(args.target).suffix == ".npz"
-    n = len(images) if saved else args.n
+    n = len(images) if saved else args.num_samples
     if saved:  # each rank scores its share of saved samples; a checkpoint's are drawn per rank
         images, labels = images[args.rank::args.world], None if labels is None else labels[args.rank::args.world]
     result = evaluate_images(images, labels, args.features, args.out_dir, args.data_dir, args.inception_weights,

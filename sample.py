@@ -153,6 +153,8 @@ def main():
                    help="model shape, needed only for LlamaGen checkpoints (default: from the checkpoint)")
     p.add_argument("--tokenizer", default="out/tokenizer.pt",
                    help="tokenizer checkpoint that decodes the codes (default: out/tokenizer.pt)")
+    p.add_argument("--image-size", type=int, help="the tokenizer's image side, e.g. 384 for LlamaGen's "
+                   "c2i_*_384.pt (default: the tokenizer's own)")
     p.add_argument("--out", default=None,
                    help="PNG to write (default: <ckpt without .pt>_samples.png beside the checkpoint)")
     p.add_argument("--classes", default=None, type=lambda s: [int(c) for c in s.split(",")],
@@ -174,8 +176,8 @@ def main():
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
     args = p.parse_args()
 
-    model = load_checkpoint(args.ckpt, preset=args.preset).to(args.device)
-    tokenizer = load_tokenizer(args.tokenizer).to(args.device)
+    tokenizer = load_tokenizer(args.tokenizer, image_size=args.image_size).to(args.device)
+    model = load_checkpoint(args.ckpt, args.preset, tokenizer.cfg.grid_size).to(args.device)
     config = model.config
     classes = args.classes or list(range(config.num_classes))
     if not all(0 <= c < config.num_classes for c in classes):

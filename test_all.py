@@ -1096,9 +1096,19 @@ def test_a_llamagen_layout_pair_distils_on_an_image_folder_and_is_evaluated(tmp_
     np.savez(tmp_path / "ref.npz", mu=rng.normal(size=2048), sigma=a @ a.T)
     for target, extra in ((tmp_path / "out" / "varkd" / "ckpt.pt", []), (tmp_path / "c2i_student.pt", ["--preset", "tiny"])):
         result = evaluate.main([str(target), "--features", "inception", "--inception-weights",
-                                str(tmp_path / "inception.pth"), "--n", "4", "--ref", str(tmp_path / "ref.npz"),
+                                str(tmp_path / "inception.pth"), "--num-samples", "4", "--ref", str(tmp_path / "ref.npz"),
                                 "--tokenizer", str(tmp_path / "vq.pt"), "--out-dir", str(tmp_path / "out"), *extra])
         assert result["n"] == 4 and result["FID"] > 0 and 1 <= result["IS"] <= 4 and "KID" not in result
+    # the same over two torchrun ranks (gloo): each draws half, rank 0 scores all 6 and writes the figures
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "evaluate.py",
+           str(target), "--features", "inception", "--inception-weights", str(tmp_path / "inception.pth"), "--num-samples", "6",
+           "--ref", str(tmp_path / "ref.npz"), "--tokenizer", str(tmp_path / "vq.pt"), "--out-dir",
+           str(tmp_path / "out"), "--preset", "tiny", "--seed", "1"]
+    done = subprocess.run(cmd, cwd=Path(__file__).parent, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    line = json.loads((tmp_path / "metrics.json").read_text())["c2i_student.pt"]
+    assert line["n"] == 6 and line["FID"] > 0 and 1 <= line["IS"] <= 6
     torch.save({"model": tiny_model(2, vocab_size=32, num_classes=2).state_dict()}, tmp_path / "c2i_other.pt")
     with pytest.raises(SystemExit, match=r"the student .*c2i_other.pt predicts 32 codes, the tokenizer has 64"):
         distill.main(["--method", "kd", "--student", str(tmp_path / "c2i_other.pt"), "--student-preset", "tiny",

@@ -226,8 +226,18 @@ class VQModel(nn.Module):
         (V,) of group ids 0..G-1 (G = n_groups unless k-means left a cluster empty). VarKD pools
         the probabilities of near-duplicate codes within a group."""
         if n_groups not in self.groups:
-            vectors = self.codebook().detach().double().cpu().numpy()
-            _, labels = kmeans2(vectors, n_groups, minit="++", seed=0)
+            vectors = self.codebook().detach().double().cpu().numpy()  # (V, d)
+            # k-means++ seeding, keeping each code's distance to its nearest centre: O(V k d), where
+            # scipy's minit="++" recomputes all of them per centre, O(V k^2 d): hours for VQ-16's 4096
+            rng = np.random.default_rng(0)
+            centres = [rng.integers(len(vectors))]
+            d2 = ((vectors - vectors[centres[0]]) ** 2).sum(1)
+            for _ in range(n_groups - 1):
+                if d2.sum() == 0:  # fewer distinct codes than groups
+                    break
+                centres.append(rng.choice(len(vectors), p=d2 / d2.sum()))
+                d2 = np.minimum(d2, ((vectors - vectors[centres[-1]]) ** 2).sum(1))
+            _, labels = kmeans2(vectors, vectors[centres], minit="matrix")
             self.groups[n_groups] = torch.from_numpy(np.unique(labels, return_inverse=True)[1].ravel())
         return self.groups[n_groups]
 
