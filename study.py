@@ -86,9 +86,9 @@ def run(args, tokenizer, splits):
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
     markdown = results_markdown(results)
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(markdown))
-    compare_image([args.teacher] + [r.out for _, r in study_runs(args, seeds[0])],
-                  ["teacher"] + [n for n, _ in study_runs(args, seeds[0])], tokenizer, out / "compare.png",
-                  args.eval_cfg, args.device)
+    first = study_runs(args, seeds[0])  # the comparison image: the first seed's models
+    compare_image([args.teacher] + [r.out for _, r in first], ["teacher"] + [n for n, _ in first], tokenizer,
+                  out / "compare.png", args.eval_cfg, args.device)
     print("\n" + markdown + f"\nwrote {out}/results.md, results.json, compare.png")
     return results
 
