@@ -1,16 +1,20 @@
 """
 Sampling from a GPT: classifier-free guidance, temperature, top-k, top-p, with or without KV cache;
+speculative sampling with a distilled student as the draft (exact, or LANTERN's relaxed acceptance);
 mixed rollouts (a real prefix, the model's continuation; sequential or ZipAR's parallel rows), the
 contexts of on-policy KD and VarKD; writes a PNG grid with one row per class.
 
     python sample.py --ckpt out/teacher.pt                    # -> out/teacher_samples.png
+    python sample.py --teacher out/teacher.pt --draft out/varkd/ckpt.pt --gamma 4   # speculative
     python sample.py --ckpt c2i_B_256.pt --preset B --tokenizer vq_ds16_c2i.pt --classes 207,360,387
 """
 import argparse
+import copy
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from data import save_grid
 from model import PRESETS, load_checkpoint
@@ -90,6 +94,136 @@ def generate(model, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, 
 
 
 # ------------------------------------------------------------------------------------------------
+# Speculative sampling (Leviathan et al. 2023): a small draft proposes gamma codes one at a time,
+# the target scores all of them in one call and keeps a prefix; the output is distributed exactly
+# as the target's own samples. With a distilled student as the draft, the acceptance rate measures
+# how well it learned its teacher (DistillSpec, Zhou et al. 2023).
+
+
+def relax(probs, drafted, groups, delta):
+    """LANTERN-style relaxed target (Jang et al. 2024): probs (N, V), drafted (N,) codes, groups (V,)
+    codebook group ids -> probs with up to delta of probability moved onto each drafted code from
+    the other codes of its group (in proportion to their probabilities), so that the total variation
+    to the exact target is at most delta. Near-duplicate codes then stop rejecting each other."""
+    same = groups[None, :] == groups[drafted][:, None]  # (N, V)
+    same[torch.arange(len(drafted)), drafted] = False
+    pool = (probs * same).sum(-1, keepdim=True)  # (N, 1): the neighbours' mass
+    moved = pool.clamp(max=delta)
+    keep = torch.where(pool > 0, 1 - moved / pool.clamp(min=1e-30), torch.ones_like(pool))
+    out = torch.where(same, probs * keep, probs)
+    return out.scatter_add(1, drafted[:, None], moved)
+
+
+@torch.no_grad()
+def speculative_generate(target, draft, labels, gamma=4, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0,
+                         generator=None, groups=None, delta=0.0):
+    """labels (B,) -> codes (B, T) distributed as generate(target, ...) with the same guidance and
+    filters, and counts {"drafted", "accepted", "target_calls", "draft_calls", "length"}.
+
+    Each round the draft samples g = min(gamma, codes left - 1) codes; the target scores the codes
+    committed since its last call plus the g drafts in one decode; row i keeps its first n_i drafts
+    (draft d accepted with probability min(1, p(d)/q(d))). The batch advances by m + 1 codes,
+    m = min_i n_i: code t+m is row i's accepted draft if it had one, else a sample from the residual
+    max(p - q, 0), or, if every draft was accepted, a sample from the target's p at t+g. Cutting a
+    row at m+1 <= n_i+1 codes keeps it exact: each committed code is the accept-or-residual outcome
+    at its position, and where the cut falls depends only on earlier codes and on the other rows.
+    groups, delta > 0: relaxed acceptance (relax() above), no longer exact.
+    """
+    T, B = target.config.block_size, len(labels)
+    shape = lambda c: f"{c.grid_size}x{c.grid_size} codes of {c.vocab_size}, {c.num_classes} classes"  # noqa: E731
+    if shape(draft.config) != shape(target.config):
+        raise ValueError(f"the draft predicts {shape(draft.config)}, the target {shape(target.config)}: "
+                         f"pass a draft trained on the target's tokenizer and classes")
+    if delta > 0 and groups is None:
+        raise ValueError("relaxed acceptance (delta > 0) needs the codebook groups")
+    if draft is target:  # each needs its own KV cache
+        draft = copy.deepcopy(target)
+    guided = cfg_scale != 1.0
+    if guided:
+        labels = torch.cat([labels, torch.full_like(labels, target.config.num_classes)])
+    both = (lambda x: torch.cat([x, x])) if guided else (lambda x: x)
+
+    def probs_of(logits):  # raw logits (B or 2B, L, V) -> guided, filtered probabilities (B, L, V)
+        if guided:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + cfg_scale * (cond - uncond)
+        return filtered_probs(logits.flatten(0, 1), temperature, top_k, top_p).view(B, logits.shape[1], -1)
+
+    def feed(role, upto):
+        """Decode the codes `role` has not been fed before `upto`: raw logits (B or 2B, L, V) predicting
+        codes fed..upto, the first one kept from its last call."""
+        model, (fed, logits) = models[role], state[role]
+        logits = logits[:, None]
+        if fed < upto:
+            logits = torch.cat([logits, model.decode(both(codes[:, fed:upto]), fed)], 1)
+            counts[role + "_calls"] += 1
+        return fed, logits
+
+    codes = torch.zeros(B, T, dtype=torch.long, device=labels.device)
+    counts = dict(drafted=0, accepted=0, target_calls=0, draft_calls=0, length=T)
+    models, state = dict(target=target, draft=draft), {}
+    modes = {role: model.training for role, model in models.items()}
+    try:
+        for role, model in models.items():
+            model.eval()
+            model.setup_cache(len(labels))
+            # state: (codes fed so far, the raw logits predicting the next code)
+            state[role] = (0, model.prefill(labels, labels.new_zeros(len(labels), 0))[:, -1])
+            counts[role + "_calls"] += 1
+        t = 0
+        while t < T:
+            g = min(gamma, T - t - 1)
+            q, draft_logits = [], []  # per drafted code: probabilities (B, V) and raw logits
+            for i in range(g):
+                draft_logits.append(feed("draft", t + i)[1][:, -1])
+                state["draft"] = (t + i, draft_logits[-1])
+                q.append(probs_of(draft_logits[-1][:, None])[:, 0])
+                codes[:, t + i] = torch.multinomial(q[-1], 1, generator=generator)[:, 0]
+            # one target call scores every drafted code and the code after them
+            fed, raw = feed("target", t + g)
+            raw = raw[:, t - fed :]  # (B or 2B, g + 1, V): raw logits predicting codes t..t+g
+            p = probs_of(raw)
+            n = torch.zeros(B, dtype=torch.long, device=codes.device)
+            if g:
+                drafted, q = codes[:, t : t + g], torch.stack(q, 1)  # (B, g), (B, g, V)
+                if delta > 0:
+                    p[:, :g] = relax(p[:, :g].flatten(0, 1), drafted.flatten(), groups, delta).view(B, g, -1)
+                p_d, q_d = p[:, :g].gather(-1, drafted[..., None])[..., 0], q.gather(-1, drafted[..., None])[..., 0]
+                u = torch.rand(B, g, generator=generator, device=codes.device)
+                n = (u * q_d < p_d).long().cumprod(1).sum(1)  # (B,): drafts kept before the first rejection
+                counts["drafted"] += int((n + 1).clamp(max=g).sum())  # drafts tested: up to the first rejection
+                counts["accepted"] += int(n.sum())
+            m = int(n.min())
+            if m < g:  # rows that rejected draft m draw code t+m from the residual max(p - q, 0)
+                residual = (p[:, m] - q[:, m]).clamp(min=0)
+                # p == q up to rounding: a rejection had probability ~0, fall back to p
+                residual = torch.where(residual.sum(-1, keepdim=True) > 1e-12, residual, p[:, m])
+                fresh = torch.multinomial(residual, 1, generator=generator)[:, 0]
+                codes[:, t + m] = torch.where(n == m, fresh, codes[:, t + m])
+            else:
+                codes[:, t + m] = torch.multinomial(p[:, m], 1, generator=generator)[:, 0]
+            # rollback: each model keeps what it was fed up to code t+m; what it was fed after that stays
+            # in its cache, invisible (a query attends only to positions before its own) until overwritten
+            state["target"] = (t + m, raw[:, m])
+            if g:
+                keep = min(m, g - 1)  # the draft was fed codes up to t+g-2
+                state["draft"] = (t + keep, draft_logits[keep])
+            t += m + 1
+    finally:
+        for role, model in models.items():
+            model.clear_cache()
+            model.train(modes[role])
+    return codes, counts
+
+
+def speculative_figures(counts):
+    """Acceptance rate (drafts accepted / drafts tested) and codes per target call and sequence
+    (plain sampling: 1.0, one call per code). counts from speculative_generate, summed over batches."""
+    return dict(acceptance=counts["accepted"] / max(counts["drafted"], 1),
+                codes_per_call=counts["length"] / counts["target_calls"])
+
+
+# ------------------------------------------------------------------------------------------------
 # Mixed rollouts, the contexts of on-policy KD and VarKD (distill.py): a real prefix, the student's
 # continuation. Sequential, or ZipAR's parallel rows.
 
@@ -146,9 +280,19 @@ def mixed_rollout(student, codes, labels, prefix_frac=(0.25, 0.75), generator=No
     return out, mask
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="out/teacher.pt", help="GPT checkpoint (default: out/teacher.pt)")
+    p.add_argument("--ckpt", "--teacher", default="out/teacher.pt",
+                   help="GPT checkpoint to sample from (default: out/teacher.pt)")
+    p.add_argument("--draft", help="a smaller GPT on the same codes, e.g. out/varkd/ckpt.pt: speculative sampling, "
+                   "the same images' distribution in fewer calls of --ckpt (default: none)")
+    p.add_argument("--draft-preset", choices=list(PRESETS), help="model shape of a LlamaGen --draft")
+    p.add_argument("--gamma", type=int, default=4, help="codes drafted per round (default: 4)")
+    p.add_argument("--relax-delta", type=float, default=0.0,
+                   help="LANTERN's relaxed acceptance: up to this much probability moved onto a drafted code "
+                        "from its codebook group; 0 = exact (default: 0)")
+    p.add_argument("--batch-size", type=int, help="images per call (default: all at once; with --draft: 1)")
+    p.add_argument("--groups", type=int, help="codebook groups of --relax-delta (default: |V|/4, as VarKD)")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="model shape, needed only for LlamaGen checkpoints (default: from the checkpoint)")
     p.add_argument("--tokenizer", default="out/tokenizer.pt",
@@ -174,7 +318,7 @@ def main():
     p.add_argument("--no-kv-cache", action="store_true",
                    help="recompute the whole prefix at every step: slow, for checking (default: off)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     tokenizer = load_tokenizer(args.tokenizer, image_size=args.image_size).to(args.device)
     model = load_checkpoint(args.ckpt, args.preset, tokenizer.cfg.grid_size).to(args.device)
@@ -186,8 +330,33 @@ def main():
     generator = torch.Generator(args.device).manual_seed(args.seed)
 
     start = time.perf_counter()
-    codes = generate(model, labels, args.cfg_scale, args.temperature, args.top_k, args.top_p, generator,
-                     kv_cache=not args.no_kv_cache)
+    filters = dict(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   generator=generator)
+    if args.draft:
+        draft = load_checkpoint(args.draft, args.draft_preset, tokenizer.cfg.grid_size).to(args.device)
+        if args.gamma < 1:
+            raise SystemExit(f"--gamma {args.gamma}: draft at least one code per round")
+        groups = tokenizer.codebook_groups(args.groups or config.vocab_size // 4).to(args.device) \
+            if args.relax_delta else None
+        # the rows of a batch advance together, by the shortest run of accepted drafts: speculative
+        # sampling is a latency method, one image at a time unless --batch-size says otherwise
+        codes, counts = [], None
+        for chunk in tqdm(labels.split(args.batch_size or 1), desc="speculative", leave=False):
+            try:
+                c, n = speculative_generate(model, draft, chunk, args.gamma, **filters, groups=groups,
+                                            delta=args.relax_delta)
+            except ValueError as e:
+                raise SystemExit(f"{args.draft}: {e}") from None
+            codes.append(c)
+            counts = n if counts is None else {k: counts[k] + n[k] for k in n}
+        codes, figures = torch.cat(codes), speculative_figures(counts)
+        print(f"speculative, gamma {args.gamma}{f', relaxed delta {args.relax_delta}' if args.relax_delta else ''}: "
+              f"{figures['acceptance']:.1%} of drafted codes accepted, {figures['codes_per_call']:.2f} codes per "
+              f"call of the target ({counts['target_calls']} calls and {counts['draft_calls']} of the draft "
+              f"for {len(labels)} x {config.block_size} codes)")
+    else:
+        codes = torch.cat([generate(model, chunk, **filters, kv_cache=not args.no_kv_cache)
+                           for chunk in labels.split(args.batch_size or len(labels))])
     with torch.no_grad():
         images = tokenizer.decode(codes.view(-1, config.grid_size, config.grid_size))  # (N, H, W, C) uint8
     images = torch.as_tensor(images).cpu().numpy()
@@ -196,6 +365,7 @@ def main():
     out = Path(args.out) if args.out else Path(args.ckpt).with_name(Path(args.ckpt).stem + "_samples.png")
     save_grid(images.reshape(len(classes), args.per_class, *images.shape[1:]), out)
     print(f"wrote {out}: {len(images)} images at {len(images) / seconds:.1f} images/s")
+    return figures if args.draft else None
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import ast
 import functools
 import gzip
 import hashlib
+import itertools
 import http.server
 import json
 import os
@@ -28,10 +29,12 @@ import data
 import distill
 import evaluate
 import inception
+import sample
 import study
 import tokenizer as tok
 from model import GPT, PRESETS, GPTConfig, load_checkpoint
-from sample import filtered_probs, generate, mixed_rollout, sample_logits, zipar_schedule
+from sample import (filtered_probs, generate, mixed_rollout, relax, sample_logits, speculative_figures,
+                    speculative_generate, zipar_schedule)
 
 FORMATS = Path(__file__).resolve().parent.parent / "shared" / "formats"
 
@@ -484,6 +487,104 @@ def test_top_k_and_top_p_keep_the_right_codes():
     assert torch.equal(sample_logits(logits.repeat(3, 1), temperature=0), torch.zeros(3, dtype=torch.long))
 
 
+# ---------------------------------------------------------------------------- speculative sampling
+
+
+def test_with_the_target_as_its_own_draft_every_draft_is_accepted():
+    model = tiny_model()  # 16 codes: rounds at codes 0, 5, 10 draft 4 each and keep 5; code 15 alone
+    for filters in (dict(cfg_scale=2.0), dict(temperature=0.7, top_k=10, top_p=0.9)):
+        codes, counts = speculative_generate(model, model, torch.arange(5), gamma=4, **filters,
+                                             generator=torch.Generator().manual_seed(0))
+        assert codes.shape == (5, 16) and counts["accepted"] == counts["drafted"] == 5 * 12
+        assert speculative_figures(counts) == dict(acceptance=1.0, codes_per_call=16 / 5)
+        assert model.layers[0].attention.kv_cache is None and not model.training
+
+
+@torch.no_grad()
+def test_speculative_samples_follow_the_targets_exact_distribution():
+    from scipy.stats import chisquare
+    # 3 codes, 2x2 grid: all 81 sequences enumerable; two random models that disagree
+    target, draft = (tiny_model(seed, vocab_size=3, grid_size=2, num_classes=2) for seed in (0, 1))
+    for model in (target, draft):
+        torch.nn.init.normal_(model.output.weight, std=0.3)
+    filters = dict(cfg_scale=2.0, temperature=0.9, top_k=2)
+    seqs = torch.tensor(list(itertools.product(range(3), repeat=4)))  # (81, 4)
+    labels = torch.zeros(len(seqs), dtype=torch.long)
+    cond, uncond = target(seqs, labels), target(seqs, torch.full_like(labels, 2))
+    probs = filtered_probs((uncond + 2.0 * (cond - uncond)).flatten(0, 1), 0.9, 2).view(81, 4, 3)
+    exact = probs.gather(-1, seqs[..., None])[..., 0].double().prod(1)  # (81,) the target's sequence law
+    support = exact > 0
+
+    def p_value(codes):
+        counts = torch.bincount((codes * torch.tensor([27, 9, 3, 1])).sum(1), minlength=81)
+        if counts[~support].sum():  # a sequence the target never draws
+            return 0.0
+        return chisquare(counts[support].double(), exact[support] / exact.sum() * len(codes)).pvalue
+
+    g, n = torch.Generator().manual_seed(0), 2000
+    # batches of 1 to 40 rows, so that rows are cut short by their batch's shortest accepted run (a
+    # batch of 1 never is), with gamma 2 and 3 (rounds with every draft kept, then the target's code)
+    samples, totals = [], dict(accepted=0, drafted=0)
+    for i, size in enumerate(itertools.islice(itertools.cycle([1, 4, 16, 40]), 4 * n // 61 + 4)):
+        codes, counts = speculative_generate(target, draft, torch.zeros(size, dtype=torch.long), gamma=2 + i % 2,
+                                             **filters, generator=g)
+        samples.append(codes)
+        totals = {k: totals[k] + counts[k] for k in totals}
+    samples = torch.cat(samples)[:n]
+    assert 0.2 < totals["accepted"] / totals["drafted"] < 0.9  # the residual path is taken, often
+    assert p_value(samples) > 1e-3
+    # the same test tells the draft's own samples apart: it has the power to fail
+    assert p_value(generate(draft, torch.zeros(n, dtype=torch.long), **filters, generator=g)) < 1e-6
+
+
+@torch.no_grad()
+def test_after_a_rejection_the_targets_cache_equals_the_cache_of_the_accepted_prefix():
+    target, draft = tiny_model(0), tiny_model(1)
+    labels = torch.tensor([0, 3])
+    snapshots, decode = [], target.decode
+
+    def spy(codes, start):  # before each target call: the cache at positions 0..start (class + codes < start)
+        cache = [(layer.attention.kv_cache.k_cache[:, :, : start + 1].clone(),
+                  layer.attention.kv_cache.v_cache[:, :, : start + 1].clone()) for layer in target.layers]
+        snapshots.append((start, codes.shape[1], cache))
+        return decode(codes, start)
+
+    target.decode = spy
+    codes, counts = speculative_generate(target, draft, labels, gamma=4, cfg_scale=2.0,
+                                         generator=torch.Generator().manual_seed(0))
+    del target.decode
+    rollbacks = sum(start < prev + fed for (prev, fed, _), (start, _, _) in zip(snapshots, snapshots[1:]))
+    assert counts["accepted"] < counts["drafted"] and rollbacks >= 2
+    both = torch.cat([labels, torch.full_like(labels, 5)])
+    for start, _, cache in snapshots:
+        target.setup_cache(len(both))
+        target.prefill(both, torch.cat([codes, codes])[:, :start])  # the accepted prefix, from scratch
+        for layer, (k, v) in zip(target.layers, cache):
+            assert torch.allclose(layer.attention.kv_cache.k_cache[:, :, : start + 1], k, atol=1e-5)
+            assert torch.allclose(layer.attention.kv_cache.v_cache[:, :, : start + 1], v, atol=1e-5)
+    target.clear_cache()
+
+
+def test_relaxed_target_moves_at_most_delta_onto_the_draft_from_its_group():
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.05, 0.05, 0.4], [0.1, 0.0, 0.5, 0.4]])
+    groups = torch.tensor([0, 0, 1, 1])
+    relaxed = relax(probs, torch.tensor([0, 1, 1]), groups, delta=0.15)
+    # the draft gains min(delta, its group's other mass), taken from them in proportion; other groups keep theirs
+    assert torch.allclose(relaxed, torch.tensor([[0.25, 0.05, 0.3, 0.4], [0.35, 0.2, 0.05, 0.4],
+                                                 [0.0, 0.1, 0.5, 0.4]]))
+    assert ((relaxed - probs).abs().sum(-1) / 2 <= 0.15 + 1e-6).all()
+    # relaxed acceptance with 4 groups of 16 codes accepts more of a draft's codes than the exact test
+    target, draft, g = tiny_model(0), tiny_model(1), torch.Generator().manual_seed(0)
+    rates = [speculative_figures(speculative_generate(target, draft, torch.arange(5).repeat(4), gamma=4,
+                                                      groups=torch.arange(64) // 16, delta=delta, generator=g)[1])
+             ["acceptance"] for delta in (0.0, 0.3)]
+    assert rates[1] > rates[0] + 0.05
+    with pytest.raises(ValueError, match="codebook groups"):
+        speculative_generate(target, draft, torch.arange(2), delta=0.1)
+    with pytest.raises(ValueError, match="draft predicts 4x4 codes of 32"):
+        speculative_generate(target, tiny_model(1, vocab_size=32), torch.arange(2))
+
+
 # ------------------------------------------------------------------------------ training loop
 
 
@@ -712,6 +813,23 @@ def tiny_teacher(trained_setup):
     path = trained_setup / "teacher_tiny.pt"
     run_distill(trained_setup, "--max-iters", "40", "--lr", "3e-3", "--warmup", "5", "--out", str(path))
     return path
+
+
+def test_sample_cli_draws_speculatively_and_prints_the_acceptance(trained_setup, tiny_teacher, tmp_path, capsys):
+    common = ["--teacher", str(tiny_teacher), "--tokenizer", str(trained_setup / "tokenizer.pt"), "--classes", "0,3",
+              "--per-class", "3"]
+    figures = sample.main(common + ["--draft", str(tiny_teacher), "--gamma", "3", "--out", str(tmp_path / "a.png")])
+    assert figures == dict(acceptance=1.0, codes_per_call=49 / 14)  # 12 rounds of 4 codes, the prefill, the last
+    assert "100.0% of drafted codes accepted, 3.50 codes per call of the target" in capsys.readouterr().out
+    assert Image.open(tmp_path / "a.png").size == (3 * 28 + 4 * 2, 2 * 28 + 3 * 2)
+    other = tmp_path / "other.pt"
+    save_tiny(other, tiny_model(1, vocab_size=256, num_classes=10, grid_size=7))
+    figures = sample.main(common + ["--draft", str(other), "--relax-delta", "0.2", "--groups", "16", "--batch-size", "2",
+                                    "--out", str(tmp_path / "b.png")])
+    assert 0 < figures["acceptance"] < 1 and (tmp_path / "b.png").exists()
+    save_tiny(other, tiny_model(1, vocab_size=256, num_classes=5, grid_size=7))
+    with pytest.raises(SystemExit, match="other.pt: the draft predicts 7x7 codes of 256, 5 classes"):
+        sample.main(common + ["--draft", str(other)])
 
 
 @pytest.mark.parametrize("method", ["kd", "seqkd", "onpolicy", "varkd"])
