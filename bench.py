@@ -5,8 +5,10 @@ Frechet distance against scipy's sqrtm formula and the feature extractors' image
     python bench.py                      # default teacher and student sizes, batch 64, CPU
     python bench.py --device cuda --sizes B,L --batch-size 32
     python bench.py --imagenet --batch-size 8       # VQ-16 encoding, GPT-B and -L steps at 256 px: to extrapolate
+    python bench.py --speculative                   # the main job's students drafting for its teacher
 
-Models are randomly initialised (speed does not depend on the weights), with the default data's
+Models are randomly initialised (speed does not depend on the weights; --speculative's acceptance
+does, so it loads the main job's checkpoints), with the default data's
 shapes (7x7 codes from 256, 10 classes) unless --grid/--vocab/--classes say otherwise. Each figure
 is the median of --repeats timed runs after a warm-up; compare figures as ratios within one run:
 shared machines are noisy.
@@ -14,6 +16,7 @@ shared machines are noisy.
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,8 +25,8 @@ import torch.nn.functional as F
 import distill
 import evaluate
 import tokenizer as tok
-from model import GPT, PRESETS, GPTConfig
-from sample import generate, mixed_rollout
+from model import GPT, PRESETS, GPTConfig, load_checkpoint
+from sample import generate, mixed_rollout, speculative_speed
 
 
 def timed(fn, device, repeats):
@@ -57,10 +60,19 @@ def main():
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation figures")
     p.add_argument("--imagenet", action="store_true", help="only the ImageNet figures: VQ-16 encoding at 256 px, "
                    "a GPT-B ce step, a GPT-L forward and a kd / varkd step L -> B on 16x16 codes of 16384")
+    p.add_argument("--speculative", action="store_true", help="only the speculative sampling figures: "
+                   "out/teacher.pt with each student of the main job as its draft")
+    p.add_argument("--out-dir", default="out", help="--speculative: where the main job's checkpoints are (default: out)")
+    p.add_argument("--gamma", default="4", help="--speculative: codes drafted per round, comma-separated (default: 4)")
+    p.add_argument("--spec-images", type=int, default=50, help="--speculative: images per figure (default: 50)")
+    p.add_argument("--relax-delta", default="0", help="--speculative: LANTERN's relaxed acceptance budgets, "
+                   "comma-separated, 0 = exact (default: 0)")
     args = p.parse_args()
     device = torch.device(args.device)
     if args.imagenet:
         return imagenet(args, device)
+    if args.speculative:
+        return speculative(args, device)
     B = args.batch_size
     print(f"device {device}, {torch.get_num_threads()} threads, batch {B}, {args.grid}x{args.grid} codes "
           f"of {args.vocab}, median of {args.repeats}")
@@ -134,6 +146,34 @@ def methods(args, device):
     par = timed(lambda: mixed_rollout(student, codes, labels, generator=g(), window=4), device, args.repeats)
     print(f"\nmixed rollout of {B} (student, prefix 25-75%): sequential {seq * 1e3:.1f} ms, "
           f"ZipAR window 4 {par * 1e3:.1f} ms ({seq / par:.2f}x)")
+
+
+def speculative(args, device):
+    """Each student of the main job drafting for its teacher: acceptance rate, codes per teacher
+    call and wall-clock speed-up over the teacher alone, one image per call (speculative sampling
+    is a latency method) and --batch-size images per call (rows advance by the batch's shortest
+    accepted run), classifier-free guidance 2 on both."""
+    teacher = load_checkpoint(f"{args.out_dir}/teacher.pt").to(device)
+    drafts = {m: load_checkpoint(path).to(device) for m in ("ce", "kd", "seqkd", "onpolicy", "varkd")
+              if Path(path := f"{args.out_dir}/{m}/ckpt.pt").exists()}
+    if not drafts:
+        raise SystemExit(f"no students under {args.out_dir}/: run python distill.py (the main job) first")
+    classes = teacher.config.num_classes
+    labels = torch.arange(classes, device=device).repeat(-(-args.spec_images // classes))[: args.spec_images]
+    print(f"device {device}, {torch.get_num_threads()} threads, {len(labels)} images, {args.out_dir}/teacher.pt "
+          f"as target, CFG 2.0")
+    groups = tok.load_tokenizer(f"{args.out_dir}/tokenizer.pt").codebook_groups(teacher.config.vocab_size // 4)
+    print(f"{'draft':>9} {'gamma':>6} {'delta':>6} {'batch':>6} {'accepted':>9} {'codes/call':>11} {'img/s':>7} "
+          f"{'speed-up':>9} {'draft cost':>11}")
+    for batch in (1, args.batch_size):
+        for gamma, delta in [(int(g), float(d)) for g in args.gamma.split(",") for d in args.relax_delta.split(",")]:
+            figures = speculative_speed(teacher, drafts, labels, gamma, batch, groups=groups.to(device), delta=delta,
+                                        cfg_scale=2.0)
+            alone = len(labels) / figures.pop("target")["seconds"]
+            print(f"{'teacher':>9} {'-':>6} {'-':>6} {batch:>6} {'-':>9} {1:>11.2f} {alone:>7.1f} {1:>8.2f}x")
+            for name, f in figures.items():
+                print(f"{name:>9} {gamma:>6} {delta:>6} {batch:>6} {f['acceptance']:>8.1%} {f['codes_per_call']:>11.2f} "
+                      f"{len(labels) / f['seconds']:>7.1f} {f['speed_up']:>8.2f}x {f['draft_cost']:>10.2f}x")
 
 
 def imagenet(args, device):

@@ -13,10 +13,11 @@ import copy
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import save_grid
+from data import atomic_write, save_grid
 from model import PRESETS, load_checkpoint
 from tokenizer import load_tokenizer
 
@@ -223,6 +224,37 @@ def speculative_figures(counts):
                 codes_per_call=counts["length"] / counts["target_calls"])
 
 
+@torch.no_grad()
+def speculative_speed(target, drafts, labels, gamma=4, batch_size=1, seed=0, groups=None, delta=0.0, **filters):
+    """Wall clock on one device, the same labels and seeds: the target sampling alone, then with each
+    draft (drafts: {name: model}) speculating for it, batch_size images per call. Returns
+    {"target": {"seconds"}, name: {"acceptance", "codes_per_call", "seconds", "speed_up", "draft_cost"}},
+    draft_cost: the draft's time per call over the target's (each sampling alone).
+    Speed-up ~ codes_per_call / (1 + gamma * draft_cost): a draft pays only if it is cheap."""
+    def timed(sampler):
+        sampler(labels[:batch_size], torch.Generator(labels.device).manual_seed(seed))  # warm-up
+        if labels.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = [sampler(chunk, torch.Generator(labels.device).manual_seed(seed + i))
+               for i, chunk in enumerate(labels.split(batch_size))]
+        if labels.device.type == "cuda":
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - t0
+
+    _, alone = timed(lambda chunk, g: generate(target, chunk, generator=g, **filters))
+    figures = {"target": {"seconds": alone}}
+    for name, draft in drafts.items():
+        counts, seconds = timed(lambda chunk, g: speculative_generate(target, draft, chunk, gamma, generator=g,
+                                                                      groups=groups, delta=delta, **filters)[1])
+        total = {k: sum(c[k] for c in counts) for k in counts[0]}
+        # the draft sampling alone: what one of its calls costs against one of the target's
+        cost = timed(lambda chunk, g: generate(draft, chunk, generator=g, **filters))[1] / alone
+        figures[name] = {**speculative_figures(total), "seconds": seconds, "speed_up": alone / seconds,
+                         "draft_cost": cost}
+    return figures
+
+
 # ------------------------------------------------------------------------------------------------
 # Mixed rollouts, the contexts of on-policy KD and VarKD (distill.py): a real prefix, the student's
 # continuation. Sequential, or ZipAR's parallel rows.
@@ -314,6 +346,8 @@ def main(argv=None):
     p.add_argument("--top-p", type=float, default=1.0,
                    help="nucleus: keep the most likely codes holding this probability mass, 1 = all "
                         "(default: 1.0)")
+    p.add_argument("--npz", help="also write every sample and its label to this .npz (arr_0, arr_1), e.g. "
+                   "--per-class 500 for evaluate.py (the grid shows 16 per class at most)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--no-kv-cache", action="store_true",
                    help="recompute the whole prefix at every step: slow, for checking (default: off)")
@@ -363,7 +397,10 @@ def main(argv=None):
     seconds = time.perf_counter() - start
 
     out = Path(args.out) if args.out else Path(args.ckpt).with_name(Path(args.ckpt).stem + "_samples.png")
-    save_grid(images.reshape(len(classes), args.per_class, *images.shape[1:]), out)
+    save_grid(images.reshape(len(classes), args.per_class, *images.shape[1:])[:, :16], out)  # 16 per class at most
+    if args.npz:  # every sample, for evaluate.py (ADM's and LlamaGen's layout)
+        atomic_write(args.npz, lambda tmp: np.savez(tmp, images, labels.cpu().numpy()))
+        print(f"wrote {args.npz}: {len(images)} samples; score them with python evaluate.py {args.npz}")
     print(f"wrote {out}: {len(images)} images at {len(images) / seconds:.1f} images/s")
     return figures if args.draft else None
 

@@ -10,11 +10,13 @@ stage-1 KD). A killed study is run again with the same command: finished runs ar
 unfinished one continues from its last checkpoint, measured models are not measured again.
 
 Writes out/study/results.md and results.json (mean +- std over seeds of every figure, gap closure,
-whether a row beats kd continued by more than the spread) and out/study/compare.png (one row per
-model, one column per class, the same sampling seed for every row).
+whether a row beats kd continued by more than the spread, and each student as the draft of
+speculative sampling for the teacher: acceptance, codes per teacher call, speed-up) and
+out/study/compare.png (one row per model, one column per class, the same sampling seed for every row).
 """
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from PIL import Image, ImageDraw
 from data import CLASSES, atomic_write
 from evaluate import draw, table
 from model import load_checkpoint
+from sample import speculative_speed
 
 # name, method, flags, what it is, the paper's ImageNet FID (LlamaGen-L -> B; Table 1 and Table 2)
 ROWS = [
@@ -44,6 +47,10 @@ FIGURES = [("FID-cls", "FID-cls", 2), ("KID-cls", "KID-cls", 2), ("precision-cls
            ("recall-cls", "recall", 3), ("IS-cls", "IS-cls", 2), ("class_acc-cls", "acc", 3),
            ("test_nll", "NLL", 3), ("test_kl", "KL(T|m)", 3), ("wall_time", "train min", 1),
            ("teacher_seqs", "teacher seqs (k)", 1)]
+# the students that draft for the teacher (sample.speculative_speed): one image per call, gamma 4
+DRAFTS = ("ce", "kd", "kd_cont", "seqkd", "onpolicy", "varkd")
+SPECULATIVE = [("spec_acceptance", "drafts accepted", 3), ("spec_codes_per_call", "codes per teacher call", 2),
+               ("spec_speed_up", "speed-up", 2), ("spec_draft_cost", "draft cost per call", 2)]
 
 
 def study_runs(args, seed):
@@ -77,7 +84,8 @@ def run(args, tokenizer, splits):
         measured = table([args.teacher] + [r.out for _, r in runs], tokenizer, *splits["test"][:2],
                          argparse.Namespace(**{**vars(args), "seed": seed}))
         lines[("teacher", seed)] = measured[args.teacher]
-        lines.update({(name, seed): measured[r.out] for name, r in runs})
+        spec = speculative(args, runs, seed)
+        lines.update({(name, seed): {**measured[r.out], **spec.get(name, {})} for name, r in runs})
     if rank > 0:
         return None
     results = summarise(lines, seeds, args)
@@ -91,6 +99,28 @@ def run(args, tokenizer, splits):
                   out / "compare.png", args.eval_cfg, args.device)
     print("\n" + markdown + f"\nwrote {out}/results.md, results.json, compare.png")
     return results
+
+
+def speculative(args, runs, seed, gamma=4):
+    """The DRAFTS of a seed drafting for the teacher: acceptance, codes per teacher call, speed-up and
+    draft cost at one image per call, on eval_samples / 100 images (at least one per class). Kept in
+    seed<s>/speculative.json and measured again only for a checkpoint (or teacher) that changed."""
+    path = Path(args.out_dir) / "study" / f"seed{seed}" / "speculative.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    runs = [(name, r) for name, r in runs if name in DRAFTS]
+    stamp = {name: [os.stat(r.out).st_mtime_ns, os.stat(args.teacher).st_mtime_ns] for name, r in runs}
+    todo = {name: r.out for name, r in runs if saved.get(name, {}).get("stamp") != stamp[name]}
+    if todo:
+        teacher = load_checkpoint(args.teacher).to(args.device)
+        classes = teacher.config.num_classes
+        labels = torch.arange(max(args.eval_samples // 100, classes), device=args.device) % classes
+        print(f"speculative sampling, {len(labels)} images one at a time: {', '.join(todo)} drafting for the teacher")
+        figures = speculative_speed(teacher, {n: load_checkpoint(p).to(args.device) for n, p in todo.items()},
+                                    labels, gamma, seed=seed, cfg_scale=args.eval_cfg)
+        saved |= {n: {"stamp": stamp[n], **{f"spec_{k}": v for k, v in figures[n].items() if k != "seconds"}}
+                  for n in todo}
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(saved, indent=2)))
+    return {name: {k: v for k, v in saved[name].items() if k != "stamp"} for name, _ in runs}
 
 
 def mean_std(values):
@@ -111,7 +141,7 @@ def summarise(lines, seeds, args):
     for name, (what, paper, method, flags) in info.items():
         row = {"name": name, "what": what, "method": method, "flags": flags, "paper_fid": paper, "seeds": seeds,
                "steps": lines[(name, seeds[0])]["steps"]}
-        for key, _, _ in FIGURES:
+        for key, _, _ in FIGURES + SPECULATIVE:
             values = [lines[(name, s)].get(key, 0.0 if key == "teacher_seqs" else None) for s in seeds]
             if None not in values:
                 row[key] = mean_std(values)
@@ -157,6 +187,15 @@ def results_markdown(results):
                f"seqs: sequences the teacher scored or sampled, in thousands (a CFG sample counts twice); gap closed "
                f"= (FID_ce - FID_m) / (FID_ce - FID_teacher) per seed; beats kd_cont: mean FID-cls lower than kd "
                f"continued by more than the larger std. Paper FID: ImageNet 256, LlamaGen-L -> B, Inception features.")
+    head = ["draft for the teacher"] + [label for _, label, _ in SPECULATIVE]
+    out += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results["rows"]:
+        if "spec_acceptance" in r:
+            out.append("| " + " | ".join([r["name"]] + [cell(r, key, digits) for key, _, digits in SPECULATIVE]) + " |")
+    out.append(f"\nSpeculative sampling (sample.py), the teacher as target, each model as its draft, gamma 4, CFG "
+               f"{results['eval_cfg']}, one image per call: drafts accepted / drafts tested; codes per teacher call "
+               f"(1.00 without a draft); speed-up: teacher alone / speculative, wall clock, same images and seeds; "
+               f"draft cost per call: the draft's sampling time over the teacher's.")
     return "\n".join(out) + "\n"
 
 

@@ -908,6 +908,12 @@ def test_the_study_writes_its_results_and_resumes_without_redoing_finished_runs(
     for row in saved["rows"]:
         for key, *_ in study.FIGURES:
             assert len(row[key]["values"]) == 2 and np.isclose(row[key]["mean"], np.mean(row[key]["values"])), key
+    for name in study.DRAFTS:  # each drafting for the teacher
+        row = rows[name]
+        assert 0 < row["spec_acceptance"]["mean"] <= 1 and row["spec_speed_up"]["mean"] > 0, name
+        assert 49 / 50 <= row["spec_codes_per_call"]["mean"] <= 49 / 10  # at worst 1 code per round, at best 5
+        assert len(row["spec_draft_cost"]["values"]) == 2
+    assert not any(key.startswith("spec_") for key in rows["teacher"]) and "spec_acceptance" not in rows["varkd_rkl"]
     fid = {name: rows[name]["FID-cls"]["values"] for name in ("teacher", "ce", "varkd")}
     expected = [(c - v) / (c - t) for t, c, v in zip(fid["teacher"], fid["ce"], fid["varkd"])]
     assert np.allclose(rows["varkd"]["gap_closure"]["values"], expected)
@@ -916,7 +922,8 @@ def test_the_study_writes_its_results_and_resumes_without_redoing_finished_runs(
     assert rows["seqkd"]["teacher_seqs"]["mean"] == 8192 + 2 * 16  # its pool, then its batches
     assert "beats_kd_cont" in rows["varkd"] and "beats_kd_cont" not in rows["ce"]
     table = (tmp_path / "study" / "results.md").read_text().splitlines()
-    assert len([line for line in table if line.startswith("| ")]) == 1 + len(runs) + 1  # header, teacher, rows
+    # header, teacher, rows; then the drafts' header and rows
+    assert len([line for line in table if line.startswith("| ")]) == (1 + 1 + len(runs)) + (1 + len(study.DRAFTS))
     assert "| varkd (+ parallel rollouts = VarKD) | 2 | 4.58 |" in "\n".join(table)
     with Image.open(tmp_path / "study" / "compare.png") as im:
         assert im.height > (1 + len(runs)) * 28 * 2  # a row of samples per model, twice the size
@@ -929,6 +936,8 @@ def test_the_study_writes_its_results_and_resumes_without_redoing_finished_runs(
     again = distill.main(argv)
     out = capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and out.count("reusing it") == 2 * len(runs)
+    assert out.count("speculative sampling, 10 images one at a time: varkd drafting") == 1
+    assert out.count("speculative sampling") == 1
     assert torch.load(lost, weights_only=True)["fingerprint"] == before  # the same weights: runs are reproducible
     for old, new in zip(results["rows"], again["rows"]):  # measured once: the same figures (wall time aside)
         assert old["FID-cls"] == new["FID-cls"] and old["test_nll"] == new["test_nll"], old["name"]
