@@ -1,6 +1,6 @@
 """The reproduction study: every method, the paper's VarKD ablation and two controls, over seeds.
 
-    python distill.py --study --seeds 0,1,2              # about 100 minutes on 2 CPU cores
+    python distill.py --study --seeds 0,1,2              # about 1 h 45 min on 2 CPU cores
     python distill.py --study --seeds 0,1 --study-iters 400
 
 One tokenizer and one teacher (out/tokenizer.pt, out/teacher.pt) serve every seed. Per seed, under
@@ -45,7 +45,7 @@ ROWS = [
 STAGE1 = [("ce", "no-KD student", 6.51), ("kd", "stage-1 KD", 4.92)]
 FIGURES = [("FID-cls", "FID-cls", 2), ("KID-cls", "KID-cls", 2), ("precision-cls", "prec", 3),
            ("recall-cls", "recall", 3), ("IS-cls", "IS-cls", 2), ("class_acc-cls", "acc", 3),
-           ("test_nll", "NLL", 3), ("test_kl", "KL(T|m)", 3), ("wall_time", "train min", 1),
+           ("test_nll", "NLL", 3), ("test_kl", "KL to teacher", 3), ("wall_time", "train min", 1),
            ("teacher_seqs", "teacher seqs (k)", 1)]
 # the students that draft for the teacher (sample.speculative_speed): one image per call, gamma 4
 DRAFTS = ("ce", "kd", "kd_cont", "seqkd", "onpolicy", "varkd")
@@ -175,7 +175,7 @@ def results_markdown(results):
     for r in results["rows"]:
         beats = {True: "yes", False: "no"}.get(r.get("beats_kd_cont"), "")
         paper = "" if r["paper_fid"] is None else f"{r['paper_fid']:.2f}"
-        cells = [f"{r['name']} ({r['what']})", str(r["steps"]), paper]
+        cells = [r["name"] if r["what"] == r["name"] else f"{r['name']} ({r['what']})", str(r["steps"]), paper]
         cells += [cell(r, key, digits) for key, _, digits in FIGURES] + [cell(r, "gap_closure", 2), beats]
         out.append("| " + " | ".join(cells) + " |")
     n = len(results["rows"][0]["seeds"])
