@@ -102,6 +102,8 @@ def precision_recall(real, fake, k=3, batch_size=1000):
 def inception_score(logits, splits=10):
     """exp(E_x KL(p(y|x) || p(y))) on each of `splits` parts (Salimans et al. 2016): (mean, std)."""
     logp = torch.as_tensor(np.asarray(logits), dtype=torch.float64).log_softmax(-1)
+    # parts of a fixed random permutation: samples saved class by class would give one class per part
+    logp = logp[torch.randperm(len(logp), generator=torch.Generator().manual_seed(0))]
     scores = []
     for part in logp.chunk(splits):
         log_py = part.exp().mean(0).log()
