@@ -162,13 +162,16 @@ def speculative(args, device):
     labels = torch.arange(classes, device=device).repeat(-(-args.spec_images // classes))[: args.spec_images]
     print(f"device {device}, {torch.get_num_threads()} threads, {len(labels)} images, {args.out_dir}/teacher.pt "
           f"as target, CFG 2.0")
-    groups = tok.load_tokenizer(f"{args.out_dir}/tokenizer.pt").codebook_groups(teacher.config.vocab_size // 4)
+    deltas = [float(d) for d in args.relax_delta.split(",")]
+    groups = None  # relaxed acceptance pools over VarKD's codebook groups, from the main job's tokenizer
+    if any(deltas):
+        groups = tok.load_tokenizer(f"{args.out_dir}/tokenizer.pt").codebook_groups(teacher.config.vocab_size // 4)
+        groups = groups.to(device)
     print(f"{'draft':>9} {'gamma':>6} {'delta':>6} {'batch':>6} {'accepted':>9} {'codes/call':>11} {'img/s':>7} "
           f"{'speed-up':>9} {'draft cost':>11}")
     for batch in (1, args.batch_size):
-        for gamma, delta in [(int(g), float(d)) for g in args.gamma.split(",") for d in args.relax_delta.split(",")]:
-            figures = speculative_speed(teacher, drafts, labels, gamma, batch, groups=groups.to(device), delta=delta,
-                                        cfg_scale=2.0)
+        for gamma, delta in [(int(g), d) for g in args.gamma.split(",") for d in deltas]:
+            figures = speculative_speed(teacher, drafts, labels, gamma, batch, groups=groups, delta=delta, cfg_scale=2.0)
             alone = len(labels) / figures.pop("target")["seconds"]
             print(f"{'teacher':>9} {'-':>6} {'-':>6} {batch:>6} {'-':>9} {1:>11.2f} {alone:>7.1f} {1:>8.2f}x")
             for name, f in figures.items():

@@ -217,11 +217,12 @@ def speculative_generate(target, draft, labels, gamma=4, cfg_scale=1.0, temperat
     return codes, counts
 
 
-def speculative_figures(counts):
+def speculative_figures(*counts):
     """Acceptance rate (drafts accepted / drafts tested) and codes per target call and sequence
-    (plain sampling: 1.0, one call per code). counts from speculative_generate, summed over batches."""
-    return dict(acceptance=counts["accepted"] / max(counts["drafted"], 1),
-                codes_per_call=counts["length"] / counts["target_calls"])
+    (plain sampling: 1.0, one call per code), over the counts of one or more speculative_generate calls."""
+    total = {k: sum(c[k] for c in counts) for k in counts[0]}
+    return dict(acceptance=total["accepted"] / max(total["drafted"], 1),
+                codes_per_call=total["length"] / total["target_calls"])
 
 
 @torch.no_grad()
@@ -247,10 +248,9 @@ def speculative_speed(target, drafts, labels, gamma=4, batch_size=1, seed=0, gro
     for name, draft in drafts.items():
         counts, seconds = timed(lambda chunk, g: speculative_generate(target, draft, chunk, gamma, generator=g,
                                                                       groups=groups, delta=delta, **filters)[1])
-        total = {k: sum(c[k] for c in counts) for k in counts[0]}
         # the draft sampling alone: what one of its calls costs against one of the target's
         cost = timed(lambda chunk, g: generate(draft, chunk, generator=g, **filters))[1] / alone
-        figures[name] = {**speculative_figures(total), "seconds": seconds, "speed_up": alone / seconds,
+        figures[name] = {**speculative_figures(*counts), "seconds": seconds, "speed_up": alone / seconds,
                          "draft_cost": cost}
     return figures
 
@@ -374,7 +374,7 @@ def main(argv=None):
             if args.relax_delta else None
         # the rows of a batch advance together, by the shortest run of accepted drafts: speculative
         # sampling is a latency method, one image at a time unless --batch-size says otherwise
-        codes, counts = [], None
+        codes, counts = [], []
         for chunk in tqdm(labels.split(args.batch_size or 1), desc="speculative", leave=False):
             try:
                 c, n = speculative_generate(model, draft, chunk, args.gamma, **filters, groups=groups,
@@ -382,11 +382,12 @@ def main(argv=None):
             except ValueError as e:
                 raise SystemExit(f"{args.draft}: {e}") from None
             codes.append(c)
-            counts = n if counts is None else {k: counts[k] + n[k] for k in n}
-        codes, figures = torch.cat(codes), speculative_figures(counts)
+            counts.append(n)
+        codes, figures = torch.cat(codes), speculative_figures(*counts)
         print(f"speculative, gamma {args.gamma}{f', relaxed delta {args.relax_delta}' if args.relax_delta else ''}: "
               f"{figures['acceptance']:.1%} of drafted codes accepted, {figures['codes_per_call']:.2f} codes per "
-              f"call of the target ({counts['target_calls']} calls and {counts['draft_calls']} of the draft "
+              f"call of the target ({sum(c['target_calls'] for c in counts)} calls and "
+              f"{sum(c['draft_calls'] for c in counts)} of the draft "
               f"for {len(labels)} x {config.block_size} codes)")
     else:
         codes = torch.cat([generate(model, chunk, **filters, kv_cache=not args.no_kv_cache)
