@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 
 import distill
+import runs
 import evaluate
 import tokenizer as tok
 from model import GPT, PRESETS, GPTConfig, load_checkpoint
-from sample import generate, mixed_rollout, speculative_speed
+from sample import generate, speculative_speed
 
 
 def timed(fn, device, repeats):
@@ -121,8 +122,8 @@ def methods(args, device):
     print(f"\none training step, {args.teacher} -> {args.student}, batch {B}, mean of {args.method_steps} steps")
     print(f"{'method':>9} {'ms/step':>9} {'vs kd':>7}")
     times = {}
-    for method in distill.METHODS:
-        margs = distill.get_args(["--method", method, "--batch-size", str(B)])
+    for method in runs.METHODS:
+        margs = runs.get_args(["--method", method, "--batch-size", str(B)])
         counter = iter(range(10 ** 9))
 
         def step():
@@ -142,8 +143,8 @@ def methods(args, device):
     def g():
         return torch.Generator(device).manual_seed(0)
 
-    seq = timed(lambda: mixed_rollout(student, codes, labels, generator=g()), device, args.repeats)
-    par = timed(lambda: mixed_rollout(student, codes, labels, generator=g(), window=4), device, args.repeats)
+    seq = timed(lambda: distill.mixed_rollout(student, codes, labels, generator=g()), device, args.repeats)
+    par = timed(lambda: distill.mixed_rollout(student, codes, labels, generator=g(), window=4), device, args.repeats)
     print(f"\nmixed rollout of {B} (student, prefix 25-75%): sequential {seq * 1e3:.1f} ms, "
           f"ZipAR window 4 {par * 1e3:.1f} ms ({seq / par:.2f}x)")
 
@@ -198,7 +199,7 @@ def imagenet(args, device):
     t_fwd = timed(lambda: teacher(codes, labels), device, args.repeats)
     print(f"GPT-L forward (no grad), {B} x 256 codes: {t_fwd:.2f} s")
     for method in ("ce", "kd", "varkd"):
-        margs = distill.get_args(["--method", method, "--batch-size", str(B)])
+        margs = runs.get_args(["--method", method, "--batch-size", str(B)])
 
         def step():
             g = torch.Generator(device).manual_seed(0)

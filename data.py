@@ -1,4 +1,4 @@
-"""Datasets as uint8 image arrays (N, H, W, C) + int64 labels, and the token cache.
+"""Datasets as uint8 image arrays (N, H, W, C) + int64 labels, the token cache, and the data order.
 
 Two sources:
   - Fashion-MNIST: the four official IDX .gz files, looked up in --data-dir (default data/), then
@@ -9,6 +9,10 @@ Two sources:
 The token cache stores a split encoded once by a tokenizer: codes (N, h, w) in an .npy (memory
 mappable for big sets), labels in a second .npy, and a .json that records the fingerprints of the
 tokenizer and the images it was built from. A cache built by another tokenizer is refused.
+`prepare_tokens` builds both splits' caches on first use (`python distill.py --prepare` runs it
+alone; under torchrun every rank encodes its share of an image folder). The order in which
+training reads the cache is a pure function of the step (`batch_indices`), so a resumed run reads
+exactly the data an uninterrupted one would.
 
     python data.py                       # fetch Fashion-MNIST if missing, print what was found
     python data.py --folder path/to/train --image-size 64
@@ -25,6 +29,8 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
@@ -258,7 +264,6 @@ def folder_token_cache(prefix, root, size, encode, tokenizer_fingerprint, rank=0
     at rows 2i, 2i + 1). Every rank calls it and encodes its chunks (encode_chunks); rank 0 then
     merges them into token_cache's format. Returns (codes, labels, data fingerprint) on every rank.
     encode: uint8 images (B, H, W, 3) -> codes (B, h, w)."""
-    import torch.distributed as dist
     prefix, root = Path(prefix), Path(root)
     paths, labels, _ = image_folder_files(root)
     data_fp = fingerprint([str(p.relative_to(root)) for p in paths], labels, size)
@@ -294,7 +299,6 @@ def encode_chunks(parts, paths, size, encode, rank=0, world=1, chunk=1024, batch
     """Rank `rank`'s share of the extraction: chunk k (images k * chunk ...) belongs to rank k % world
     and is saved to parts/<k>.npy the moment its last batch is encoded, so a killed extraction
     resumes at the chunks it lacks, with any number of ranks. Images are read by `workers` processes."""
-    import torch
     parts = Path(parts)
     parts.mkdir(parents=True, exist_ok=True)
     todo = [k for k in range(rank, -(-len(paths) // chunk), world) if not (parts / f"{k:06d}.npy").exists()]
@@ -316,6 +320,46 @@ def encode_chunks(parts, paths, size, encode, rank=0, world=1, chunk=1024, batch
                 atomic_write(parts / f"{k:06d}.npy", lambda tmp: np.save(tmp, chunk_codes))
                 done = []
     return todo
+
+
+def prepare_tokens(tokenizer, data_dir, cache_dir, rank=0, world=1):
+    """The train/test token caches of `tokenizer` under cache_dir, built on first use: Fashion-MNIST
+    (called by rank 0 alone), or an image folder with train/ (and val/) encoded over every rank.
+    Returns {split: (codes (N, T), labels (N,), data fingerprint)}; the training codes stay int16
+    (ImageNet: 2.6M sequences x 256 codes) and are cast per batch."""
+    folder = Path(data_dir, "train").is_dir()
+    encode = lambda x: tokenizer.encode(x).cpu().numpy()  # noqa: E731
+    splits = {}
+    for split in ("train", "test"):
+        prefix = Path(cache_dir) / split
+        if not prefix.with_suffix(".json").exists() and rank == 0:
+            print(f"no token cache at {prefix}.*: encoding the {split} split once")
+        if folder:
+            root = Path(data_dir, "train" if split == "train" or not Path(data_dir, "val").is_dir() else "val")
+            if split == "test" and root.name == "train" and rank == 0:
+                print(f"no {data_dir}/val/: the held-out figures are measured on 10,000 training sequences")
+            codes, labels, data_fp = folder_token_cache(prefix.with_name(root.name), root, tokenizer.cfg.image_size,
+                                                        encode, tokenizer.fingerprint, rank, world)
+            if split == "test" and root.name == "train":
+                codes, labels = codes[:10000], labels[:10000]
+        else:
+            images, labels = load_fashion_mnist(split, data_dir)
+            codes, labels, data_fp = token_cache(prefix, images, labels, encode, tokenizer.fingerprint)
+        codes = torch.from_numpy(np.array(codes).reshape(len(codes), -1))
+        splits[split] = (codes if split == "train" else codes.long(), torch.from_numpy(np.asarray(labels)), data_fp)
+    return splits
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batch_indices(step, n, batch_size, seed):
+    """Batch number `step` of an endless stream of shuffled epochs: a pure function of the step,
+    so a resumed run reads exactly the data an uninterrupted one would."""
+    pos = torch.arange(step * batch_size, (step + 1) * batch_size)
+    return torch.cat([epoch_order(n, seed, int(e))[pos[pos // n == e] % n] for e in (pos // n).unique()])
 
 
 def main():

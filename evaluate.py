@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data import atomic_write, fingerprint, load_fashion_mnist, load_image_folder, save_grid
-from inception import InceptionV3, load_inception  # noqa: F401 (evaluate.InceptionV3 and load_inception, as DESIGN.md names them)
+from inception import InceptionV3, load_inception  # noqa: F401 (re-exported: evaluate.InceptionV3, evaluate.load_inception)
 from model import load_checkpoint
 from sample import generate
 from tokenizer import load_tokenizer

@@ -1,8 +1,8 @@
 """
 Sampling from a GPT: classifier-free guidance, temperature, top-k, top-p, with or without KV cache;
 speculative sampling with a distilled student as the draft (exact, or LANTERN's relaxed acceptance);
-mixed rollouts (a real prefix, the model's continuation; sequential or ZipAR's parallel rows), the
-contexts of on-policy KD and VarKD; writes a PNG grid with one row per class.
+writes a PNG grid with one row per class. (The mixed rollouts of on-policy KD and VarKD live in
+distill.py, beside the losses they feed.)
 
     python sample.py --ckpt out/teacher.pt                    # -> out/teacher_samples.png
     python sample.py --teacher out/teacher.pt --draft out/varkd/ckpt.pt --gamma 4   # speculative
@@ -253,63 +253,6 @@ def speculative_speed(target, drafts, labels, gamma=4, batch_size=1, seed=0, gro
         figures[name] = {**speculative_figures(*counts), "seconds": seconds, "speed_up": alone / seconds,
                          "draft_cost": cost}
     return figures
-
-
-# ------------------------------------------------------------------------------------------------
-# Mixed rollouts, the contexts of on-policy KD and VarKD (distill.py): a real prefix, the student's
-# continuation. Sequential, or ZipAR's parallel rows.
-
-
-def zipar_schedule(grid, start, window):
-    """ZipAR (He et al. 2024): code (r, c) waits only for its left neighbour and for (r-1, c+window),
-    not for the end of row r-1, so several rows are decoded at once (spatial locality). Returns
-    lists of code indices (>= start), one list per decoding step."""
-    step = {}
-    for p in range(start, grid * grid):
-        r, c = divmod(p, grid)
-        after_left = step.get(p - 1, -1) if c > 0 else -1
-        above = (r - 1) * grid + min(c + window, grid - 1)
-        after_above = step.get(above, -1) if r > 0 else -1
-        step[p] = max(after_left, after_above) + 1
-    order = [[] for _ in range(max(step.values(), default=-1) + 1)]
-    for p, s in step.items():
-        order[s].append(p)
-    return order
-
-
-@torch.no_grad()
-def mixed_rollout(student, codes, labels, prefix_frac=(0.25, 0.75), generator=None, window=0):
-    """Keep the first k codes of each real sequence, k ~ U[prefix_frac * T] per example; the student
-    samples the rest (KV cache, temperature 1, no CFG). Returns the codes (B, T) and a mask (B, T),
-    True at the student-sampled positions. window > 0: ZipAR-style parallel decoding of rows."""
-    B, T = codes.shape
-    lo, hi = int(prefix_frac[0] * T), int(prefix_frac[1] * T)
-    k = torch.randint(lo, hi + 1, (B,), generator=generator, device=codes.device)  # (B,)
-    mask = torch.arange(T, device=codes.device)[None, :] >= k[:, None]  # (B, T)
-    out = codes.clone()
-    was_training = student.training
-    student.eval()
-    student.setup_cache(B)
-    grid = student.config.grid_size
-    steps = zipar_schedule(grid, lo, window) if window else [[p] for p in range(lo, T)]
-    # the prefix every example shares goes in at once; the rest of each example's prefix is
-    # teacher-forced below. after[q]: logits (B, V) computed on code q, which predict code q + 1.
-    after = {lo - 1: student.prefill(labels, codes[:, :lo])[:, -1]}
-    for positions in steps:
-        # a row started ahead of the end of the row above (ZipAR) lacks code p - 1: the newest
-        # code of the row above, `window` codes in, stands in for it
-        preds = [after.get(p - 1, after.get(p - grid + min(window, grid - 1))) for p in positions]
-        probs = torch.stack(preds, 1).softmax(-1)  # (B, L, V)
-        sampled = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(B, len(positions))
-        pos = torch.tensor(positions, device=codes.device)
-        out[:, pos] = torch.where(mask[:, pos], sampled.to(codes.device), codes[:, pos])
-        feed = [p for p in positions if p + 1 < T]
-        if feed:
-            logits = student.decode(out[:, feed], torch.tensor(feed, device=codes.device))  # (B, L', V)
-            after.update({p: logits[:, i] for i, p in enumerate(feed)})
-    student.clear_cache()
-    student.train(was_training)
-    return out, mask
 
 
 def main(argv=None):

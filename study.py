@@ -1,7 +1,7 @@
 """The reproduction study: every method, the paper's VarKD ablation and two controls, over seeds.
 
-    python distill.py --study --seeds 0,1,2              # about 1 h 45 min on 2 CPU cores
-    python distill.py --study --seeds 0,1 --study-iters 400
+    python study.py --seeds 0,1,2              # about 1 h 45 min on 2 CPU cores
+    python study.py --seeds 0,1 --study-iters 400
 
 One tokenizer and one teacher (out/tokenizer.pt, out/teacher.pt) serve every seed. Per seed, under
 out/study/seed<s>/: the no-KD student (ce, --max-iters steps), stage-1 KD from it, then from the KD
@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+import runs
 from data import CLASSES, atomic_write
+from distill import train
 from evaluate import draw, table
 from model import load_checkpoint
 from sample import speculative_speed
@@ -55,37 +57,35 @@ SPECULATIVE = [("spec_acceptance", "drafts accepted", 3), ("spec_codes_per_call"
 
 def study_runs(args, seed):
     """The runs of one seed, parents first: [(name, run args)]."""
-    from distill import get_args  # distill.py calls this module: import on use
     base = f"{args.out_dir}/study/seed{seed}"
     shared = {**args.shared, "seed": seed, "resume": True}
-    ce = get_args([], **shared, method="ce", out=f"{base}/ce/ckpt.pt")
-    runs = [("ce", ce), ("kd", get_args([], **shared, method="kd", out=f"{base}/kd/ckpt.pt", init=ce.out))]
-    stage2 = {**shared, "max_iters": args.study_iters, "init": runs[1][1].out}
-    return runs + [(name, get_args(["--method", method, *flags], **stage2, out=f"{base}/{name}/ckpt.pt"))
-                   for name, method, flags, _, _ in ROWS]
+    ce = runs.get_args([], **shared, method="ce", out=f"{base}/ce/ckpt.pt")
+    parents = [("ce", ce), ("kd", runs.get_args([], **shared, method="kd", out=f"{base}/kd/ckpt.pt", init=ce.out))]
+    stage2 = {**shared, "max_iters": args.study_iters, "init": parents[1][1].out}
+    return parents + [(name, runs.get_args(["--method", method, *flags], **stage2, out=f"{base}/{name}/ckpt.pt"))
+                      for name, method, flags, _, _ in ROWS]
 
 
 def run(args, tokenizer, splits):
     """Train what is missing, measure what is unmeasured, then write the results."""
-    from distill import rank_world, stage_args, train
-    t0, (rank, _) = time.time(), rank_world()
+    t0, (rank, _) = time.time(), runs.rank_world()
     seeds = [int(s) for s in str(args.seeds).split(",")]
     if args.teacher == f"{args.out_dir}/teacher.pt":
-        train(stage_args(args, "teacher"), tokenizer, splits, role="teacher")
+        train(runs.stage_args(args, "teacher"), tokenizer, splits, role="teacher")
     lines = {}  # (name, seed) -> the table line of that model
     for seed in seeds:
-        runs = study_runs(args, seed)
-        for name, r in runs:
+        seed_runs = study_runs(args, seed)
+        for name, r in seed_runs:
             print(f"\n== study, seed {seed}: {name} ==")
             train(r, tokenizer, splits)
         if rank > 0:  # rank 0 measures and writes
             continue
         # sampled with the seed of the runs (the teacher too: its row shows the sampling noise alone)
-        measured = table([args.teacher] + [r.out for _, r in runs], tokenizer, *splits["test"][:2],
+        measured = table([args.teacher] + [r.out for _, r in seed_runs], tokenizer, *splits["test"][:2],
                          argparse.Namespace(**{**vars(args), "seed": seed}))
         lines[("teacher", seed)] = measured[args.teacher]
-        spec = speculative(args, runs, seed)
-        lines.update({(name, seed): {**measured[r.out], **spec.get(name, {})} for name, r in runs})
+        spec = speculative(args, seed_runs, seed)
+        lines.update({(name, seed): {**measured[r.out], **spec.get(name, {})} for name, r in seed_runs})
     if rank > 0:
         return None
     results = summarise(lines, seeds, args)
@@ -101,15 +101,15 @@ def run(args, tokenizer, splits):
     return results
 
 
-def speculative(args, runs, seed, gamma=4):
+def speculative(args, seed_runs, seed, gamma=4):
     """The DRAFTS of a seed drafting for the teacher: acceptance, codes per teacher call, speed-up and
     draft cost at one image per call, on eval_samples / 100 images (at least one per class). Kept in
     seed<s>/speculative.json and measured again only for a checkpoint (or teacher) that changed."""
     path = Path(args.out_dir) / "study" / f"seed{seed}" / "speculative.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
-    runs = [(name, r) for name, r in runs if name in DRAFTS]
-    stamp = {name: [os.stat(r.out).st_mtime_ns, os.stat(args.teacher).st_mtime_ns] for name, r in runs}
-    todo = {name: r.out for name, r in runs if saved.get(name, {}).get("stamp") != stamp[name]}
+    drafts = [(name, r) for name, r in seed_runs if name in DRAFTS]
+    stamp = {name: [os.stat(r.out).st_mtime_ns, os.stat(args.teacher).st_mtime_ns] for name, r in drafts}
+    todo = {name: r.out for name, r in drafts if saved.get(name, {}).get("stamp") != stamp[name]}
     if todo:
         teacher = load_checkpoint(args.teacher).to(args.device)
         classes = teacher.config.num_classes
@@ -120,7 +120,7 @@ def speculative(args, runs, seed, gamma=4):
         saved |= {n: {"stamp": stamp[n], **{f"spec_{k}": v for k, v in figures[n].items() if k != "seconds"}}
                   for n in todo}
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(saved, indent=2)))
-    return {name: {k: v for k, v in saved[name].items() if k != "stamp"} for name, _ in runs}
+    return {name: {k: v for k, v in saved[name].items() if k != "stamp"} for name, _ in drafts}
 
 
 def mean_std(values):
@@ -156,7 +156,7 @@ def summarise(lines, seeds, args):
             if r["name"] != "kd_cont":
                 m = r["FID-cls"]
                 r["beats_kd_cont"] = base["mean"] - m["mean"] > max(base["std"], m["std"])
-    return {"command": f"python distill.py --study --seeds {args.seeds} --study-iters {args.study_iters}",
+    return {"command": f"python study.py --seeds {args.seeds} --study-iters {args.study_iters}",
             "stage1_iters": lines[("ce", seeds[0])]["steps"], "study_iters": args.study_iters,
             "eval_samples": args.eval_samples, "eval_cfg": args.eval_cfg, "rows": rows,
             "wall_time_training": sum(line.get("wall_time", 0.0) for line in lines.values()),
@@ -222,3 +222,25 @@ def compare_image(paths, names, tokenizer, path, cfg_scale, device, per_class=2,
             tile = Image.fromarray(image[..., 0] if channels == 1 else image).resize((w * scale, h * scale), Image.NEAREST)
             canvas.paste(tile.convert(canvas.mode), (label_w + (i % classes) * cell + (i // classes) * w * scale, y))
     atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
+
+
+def main(argv=None):
+    p = runs.parser(__doc__)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one set of runs each (default: 0,1,2)")
+    p.add_argument("--study-iters", type=int, default=200, help="stage-2 steps of every row from the stage-1 KD "
+                   "checkpoint (default: 200)")
+    args = runs.get_args(argv, p)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r}: pass comma-separated integers, e.g. 0,1,2")
+    rank, _ = runs.setup_ddp(args)
+    torch.manual_seed(args.seed + rank)
+    tokenizer, splits = runs.load_data(args)
+    results = run(args, tokenizer, splits)
+    runs.teardown_ddp()
+    return results
+
+
+if __name__ == "__main__":
+    main()

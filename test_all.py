@@ -33,10 +33,46 @@ import sample
 import study
 import tokenizer as tok
 from model import GPT, PRESETS, GPTConfig, load_checkpoint
-from sample import (filtered_probs, generate, mixed_rollout, relax, sample_logits, speculative_figures,
-                    speculative_generate, zipar_schedule)
+from distill import mixed_rollout, zipar_schedule
+from sample import filtered_probs, generate, relax, sample_logits, speculative_figures, speculative_generate
 
-FORMATS = Path(__file__).resolve().parent.parent / "shared" / "formats"
+FORMATS = Path(__file__).resolve().parent / "assets" / "formats"  # key layouts of the real checkpoints
+
+
+# ---------------------------------------------------------------------------------------- the house
+
+
+def project_imports():
+    """{file stem: the project modules it imports, at any depth of the file}."""
+    here = Path(__file__).resolve().parent
+    stems = {p.stem for p in here.glob("*.py")}
+    graph = {}
+    for path in here.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module.split(".")[0])
+        graph[path.stem] = names & stems - {path.stem}
+    return graph
+
+
+def test_imports_point_one_way_and_only_study_bench_and_tests_import_distill():
+    graph = project_imports()
+    order, seen = [], set()
+
+    def visit(name, path):
+        assert name not in path, f"import circle: {' -> '.join(path + [name])}"
+        if name not in seen:
+            for dep in sorted(graph[name]):
+                visit(dep, path + [name])
+            seen.add(name)
+            order.append(name)
+    for name in sorted(graph):
+        visit(name, [])
+    assert {n for n, deps in graph.items() if "distill" in deps} <= {"study", "bench", "test_all"}
+    assert graph["runs"] <= {"data", "model", "tokenizer"} and not graph["data"] and not graph["model"]
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -601,6 +637,7 @@ def run_distill(out, *extra):
                          "--eval-interval", "1000", "--eval-seqs", "50", "--eval-samples", "0", *extra])
 
 
+@pytest.mark.slow
 def test_training_lowers_the_held_out_nll(trained_setup):
     metrics = run_distill(trained_setup, "--max-iters", "40", "--lr", "3e-3", "--warmup", "5",
                           "--out", str(trained_setup / "lower.pt"))
@@ -612,6 +649,7 @@ def distill_cmd(out, *extra):
             "--eval-interval", "1000", "--eval-seqs", "50", "--eval-samples", "0", *extra]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_the_same_weights_as_an_uninterrupted_run(trained_setup):
     common = ["--max-iters", "200", "--warmup", "5", "--ckpt-interval", "10"]
     run_distill(trained_setup, *common, "--out", str(trained_setup / "full.pt"))
@@ -635,6 +673,7 @@ def test_resume_after_sigkill_gives_the_same_weights_as_an_uninterrupted_run(tra
         assert torch.equal(v, resumed["model"][k]), k
 
 
+@pytest.mark.slow
 def test_existing_checkpoint_is_never_overwritten_without_resume(trained_setup):
     path = trained_setup / "keep.pt"
     path.write_bytes(b"precious")
@@ -643,6 +682,7 @@ def test_existing_checkpoint_is_never_overwritten_without_resume(trained_setup):
     assert path.read_bytes() == b"precious"
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_checkpoint_from_another_tokenizer(trained_setup, tmp_path):
     run_distill(trained_setup, "--max-iters", "2", "--out", str(tmp_path / "a.pt"))
     ckpt = torch.load(tmp_path / "a.pt", weights_only=True)
@@ -652,6 +692,7 @@ def test_resume_refuses_a_checkpoint_from_another_tokenizer(trained_setup, tmp_p
         run_distill(trained_setup, "--max-iters", "4", "--out", str(tmp_path / "a.pt"), "--resume")
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_reused_only_with_the_same_flags(trained_setup, tmp_path, capsys):
     run_distill(trained_setup, "--max-iters", "2", "--out", str(tmp_path / "a.pt"))
     before = (tmp_path / "a.pt").stat().st_mtime_ns
@@ -661,6 +702,7 @@ def test_a_finished_run_is_reused_only_with_the_same_flags(trained_setup, tmp_pa
         run_distill(trained_setup, "--max-iters", "3", "--lr", "2e-3", "--out", str(tmp_path / "a.pt"))
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(trained_setup, tmp_path,
                                                                                 monkeypatch):
     calls, real = [], distill.method_loss
@@ -678,11 +720,11 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(
 
 def test_batches_cover_each_epoch_once_and_depend_only_on_the_step():
     n, b = 50, 16
-    seen = torch.cat([distill.batch_indices(s, n, b, seed=3) for s in range(25)])  # 400 = 8 epochs
+    seen = torch.cat([data.batch_indices(s, n, b, seed=3) for s in range(25)])  # 400 = 8 epochs
     for e in range(8):
         assert sorted(seen[e * n:(e + 1) * n].tolist()) == list(range(n))
-    assert torch.equal(distill.batch_indices(7, n, b, 3), seen[7 * b:8 * b])
-    assert not torch.equal(distill.batch_indices(7, n, b, 4), seen[7 * b:8 * b])
+    assert torch.equal(data.batch_indices(7, n, b, 3), seen[7 * b:8 * b])
+    assert not torch.equal(data.batch_indices(7, n, b, 4), seen[7 * b:8 * b])
 
 
 # ------------------------------------------------------------------------------ the KD maths
@@ -815,6 +857,7 @@ def tiny_teacher(trained_setup):
     return path
 
 
+@pytest.mark.slow
 def test_sample_cli_draws_speculatively_and_prints_the_acceptance(trained_setup, tiny_teacher, tmp_path, capsys):
     common = ["--teacher", str(tiny_teacher), "--tokenizer", str(trained_setup / "tokenizer.pt"), "--classes", "0,3",
               "--per-class", "3"]
@@ -832,6 +875,7 @@ def test_sample_cli_draws_speculatively_and_prints_the_acceptance(trained_setup,
         sample.main(common + ["--draft", str(other)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["kd", "seqkd", "onpolicy", "varkd"])
 def test_each_method_lowers_the_held_out_kl_to_the_teacher(trained_setup, tiny_teacher, method):
     metrics = run_distill(trained_setup, "--method", method, "--teacher", str(tiny_teacher), "--init", "none",
@@ -842,12 +886,14 @@ def test_each_method_lowers_the_held_out_kl_to_the_teacher(trained_setup, tiny_t
     assert ckpt["fingerprints"]["teacher"] and ckpt["fingerprints"]["tokenizer"]
 
 
+@pytest.mark.slow
 def test_a_missing_parent_you_pass_is_named(trained_setup, tiny_teacher):
     with pytest.raises(SystemExit, match=r"no student at .*nowhere.pt: pass an existing checkpoint as --init"):
         run_distill(trained_setup, "--method", "varkd", "--teacher", str(tiny_teacher), "--max-iters", "2",
                     "--init", str(trained_setup / "nowhere.pt"), "--out", str(trained_setup / "orphan.pt"))
 
 
+@pytest.mark.slow
 def test_parents_from_another_tokenizer_or_size_are_refused(trained_setup, tiny_teacher, tmp_path):
     ckpt = torch.load(tiny_teacher, weights_only=True)
     ckpt["fingerprints"]["tokenizer"] = "0123456789abcdef"
@@ -860,6 +906,7 @@ def test_parents_from_another_tokenizer_or_size_are_refused(trained_setup, tiny_
                     "--size", "student", "--max-iters", "2", "--out", str(tmp_path / "kd.pt"))
 
 
+@pytest.mark.slow
 def test_the_pipeline_builds_every_artifact_once_then_reuses_them(small_tokenizer, quick_classifier, tmp_path,
                                                                  capsys):
     tok.save_tokenizer(small_tokenizer, tmp_path / "tokenizer.pt")  # training these two takes minutes
@@ -891,14 +938,15 @@ def test_the_pipeline_builds_every_artifact_once_then_reuses_them(small_tokenize
     assert all(str(p) in table for p in ckpts)
 
 
+@pytest.mark.slow
 def test_the_study_writes_its_results_and_resumes_without_redoing_finished_runs(small_tokenizer, quick_classifier,
                                                                                 tmp_path, capsys):
     tok.save_tokenizer(small_tokenizer, tmp_path / "tokenizer.pt")
     (tmp_path / "classifier.pt").write_bytes(quick_classifier.read_bytes())
-    argv = ["--study", "--seeds", "0,1", "--out-dir", str(tmp_path), "--size", "tiny", "--teacher-size", "tiny",
+    argv = ["--seeds", "0,1", "--out-dir", str(tmp_path), "--size", "tiny", "--teacher-size", "tiny",
             "--teacher-iters", "10", "--max-iters", "3", "--study-iters", "2", "--batch-size", "16",
             "--eval-seqs", "50", "--eval-samples", "100"]
-    results = distill.main(argv)
+    results = study.main(argv)
     runs = ["ce", "kd"] + [name for name, *_ in study.ROWS]
     ckpts = [tmp_path / "study" / f"seed{s}" / name / "ckpt.pt" for s in (0, 1) for name in runs]
     assert all(p.exists() for p in ckpts)
@@ -933,7 +981,7 @@ def test_the_study_writes_its_results_and_resumes_without_redoing_finished_runs(
     lost.unlink()
     stamps = {p: p.stat().st_mtime_ns for p in ckpts if p != lost}
     capsys.readouterr()
-    again = distill.main(argv)
+    again = study.main(argv)
     out = capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and out.count("reusing it") == 2 * len(runs)
     assert out.count("speculative sampling, 10 images one at a time: varkd drafting") == 1
@@ -943,6 +991,7 @@ def test_the_study_writes_its_results_and_resumes_without_redoing_finished_runs(
         assert old["FID-cls"] == new["FID-cls"] and old["test_nll"] == new["test_nll"], old["name"]
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_agree_and_match_one_process(trained_setup, tiny_teacher, tmp_path):
     common = ["--max-iters", "3", "--warmup", "1", "--teacher", str(tiny_teacher), "--init", "none"]
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -1197,6 +1246,7 @@ def test_image_folder_extraction_shards_over_ranks_and_resumes_after_an_interrup
         data.folder_token_cache(tmp_path / "tokens" / "train", tmp_path / "train", 32, fake_encode, "tokB", **kw)
 
 
+@pytest.mark.slow
 def test_a_llamagen_layout_pair_distils_on_an_image_folder_and_is_evaluated(tmp_path):
     make_class_folder(tmp_path / "imagenet" / "train", {"n01": 6, "n02": 6})
     make_class_folder(tmp_path / "imagenet" / "val", {"n01": 2, "n02": 2}, seed=1)

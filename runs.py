@@ -1,0 +1,368 @@
+"""Run bookkeeping for distill.py: the flags, the parents a method needs, and what already exists.
+
+Nothing here trains. `get_args` holds every flag and each method's defaults; `pipeline` lists the
+runs a method needs, parents first (the teacher, the no-KD student `ce`, stage-1 `kd`); `load_data`
+builds the tokenizer and token caches on first use; `open_run` decides for one run whether the
+checkpoint at --out is reused, continued or refused, and loads its teacher and starting student;
+`save_checkpoint` writes atomically, recording the flags and the fingerprints of the data,
+tokenizer, teacher, starting checkpoint and the weights themselves. A checkpoint built from other
+inputs is refused in one sentence with the fix, never overwritten.
+"""
+import argparse
+import os
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+import tokenizer as tok
+from data import atomic_write, fingerprint, prepare_tokens
+from model import GPT, PRESETS, GPTConfig, load_checkpoint
+
+METHODS = ("ce", "kd", "seqkd", "onpolicy", "varkd")
+# each method's defaults for the flags left unset (the rest of the table in the flags' help):
+# where it starts (the paper's two stages: kd from the no-KD student, stage 2 from kd), its peak
+# learning rate (ce trains from scratch), GKD's lambda and beta, and VarKD's (our choice where
+# the paper is silent: rollouts on every step; the reverse KL it writes)
+DEFAULTS = {
+    "ce": dict(init="none", lr=3e-3, lam=0.0, beta=0.5),
+    "kd": dict(init="{out_dir}/ce/ckpt.pt", lr=1e-3, lam=0.0, beta=0.5),
+    "seqkd": dict(init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=0.0, beta=0.5),
+    "onpolicy": dict(init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=0.1, beta=0.5),
+    "varkd": dict(init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=1.0, beta=1.0),
+}
+# flags every run of one pipeline shares: the parents built for a run get them too
+SHARED = ("out_dir", "data_dir", "image_size", "tokenizer", "teacher", "teacher_preset", "teacher_size",
+          "teacher_iters", "size", "batch_size", "seed", "device", "compile", "eval_interval", "eval_seqs",
+          "ckpt_interval")
+# what a run's weights depend on besides its inputs: a checkpoint is reused or continued only with the same
+RECIPE = ("method", "size", "max_iters", "batch_size", "lr", "min_lr_frac", "warmup", "schedule", "weight_decay",
+          "grad_clip", "seed", "tau", "ce_weight", "lam", "beta", "prefix_frac", "threshold", "no_entropy_weights",
+          "no_truncation", "no_groups", "groups", "no_parallel", "window", "pool_size", "pool_refresh", "pool_cfg")
+ROLES = {"teacher": "teacher", "ce": "no-KD student", "kd": "stage-1 KD student"}
+MINUTES = {"teacher": 8, "ce": 2, "kd": 4, "seqkd": 5, "onpolicy": 4, "varkd": 6}  # default sizes, 2 CPU cores
+
+
+def parser(description=None):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="ce", choices=list(METHODS), help="ce: next-code cross-entropy "
+                   "on data (teacher, no-KD student); kd: forward KL on data; seqkd: forward KL on teacher "
+                   "samples; onpolicy: GKD on mixed rollouts; varkd (default: ce)")
+    p.add_argument("--size", "--student-preset", default="student", help=f"model preset: one of "
+                   f"{', '.join(PRESETS)}; 'teacher' and 'student' are the CPU defaults (default: student)")
+    p.add_argument("--out", help="checkpoint path (default: out/teacher.pt for --size teacher, "
+                   "else out/<method>/ckpt.pt)")
+    p.add_argument("--out-dir", default="out", help="where the tokenizer, token cache and "
+                   "checkpoints live (default: out)")
+    p.add_argument("--data-dir", default="data", help="Fashion-MNIST folder (default: data, then the "
+                   "Debian package's, then download); a folder with train/ (and val/) of one subfolder per "
+                   "class, e.g. ImageNet, is encoded once to the token cache, over all ranks")
+    p.add_argument("--image-size", type=int, help="side of the images the tokenizer encodes, e.g. 384 for "
+                   "LlamaGen's 384-px models (default: the tokenizer's own, 256 for VQ-16)")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint (default: <out-dir>/tokenizer.pt, "
+                   "trained if missing)")
+    p.add_argument("--teacher", help="teacher checkpoint for the KD methods (default: <out-dir>/teacher.pt)")
+    p.add_argument("--teacher-preset", help="preset of a --teacher without a config, e.g. L for LlamaGen's "
+                   "c2i_L_256.pt (--size is the student's: B for c2i_B_256.pt)")
+    p.add_argument("--init", "--student", help="student checkpoint to start from (default: <out-dir>/ce/ckpt.pt "
+                   "for kd, <out-dir>/kd/ckpt.pt for seqkd/onpolicy/varkd: the paper's two stages; 'none' = scratch)")
+    kd = p.add_argument_group("distillation (defaults: the paper's settings where it gives them)")
+    kd.add_argument("--tau", type=float, default=1.0, help="kd/seqkd temperature (default: 1.0)")
+    kd.add_argument("--ce-weight", type=float, default=0.0, help="adds this x next-code CE on the data "
+                    "positions; the paper uses none (default: 0)")
+    kd.add_argument("--lam", type=float, help="fraction of steps on student rollouts, else data (default: "
+                    "0.1 for onpolicy as GKD; 1.0 for varkd, our choice: the paper is silent)")
+    kd.add_argument("--beta", type=float, help="generalized JSD beta, 0 forward KL, 1 reverse KL (default: "
+                    "0.5 for onpolicy as GKD; 1.0 for varkd, the reverse KL of the paper)")
+    kd.add_argument("--prefix-frac", default="0.25,0.75", help="real prefix length range as fractions of T "
+                    "(default: 0.25,0.75)")
+    kd.add_argument("--threshold", type=float, default=0.1, help="varkd truncation threshold on alpha "
+                    "(default: 0.1)")
+    kd.add_argument("--no-entropy-weights", action="store_true", help="varkd ablation: alpha_t = 1")
+    kd.add_argument("--no-truncation", action="store_true", help="varkd ablation: keep positions after a low alpha")
+    kd.add_argument("--no-groups", action="store_true", help="varkd ablation: no codebook relaxation")
+    kd.add_argument("--groups", type=int, help="codebook groups (default: |V|/4)")
+    kd.add_argument("--no-parallel", action="store_true", help="varkd ablation: sequential rollouts, not ZipAR")
+    kd.add_argument("--window", type=int, default=4, help="ZipAR window: a row starts when the row above is "
+                    "this many codes in (default: 4)")
+    kd.add_argument("--pool-size", type=int, default=8192, help="seqkd: teacher samples per pool (default: 8192)")
+    kd.add_argument("--pool-refresh", type=int, default=250, help="seqkd: steps between new pools; at batch 128 "
+                    "each sample is seen about 4 times (default: 250)")
+    kd.add_argument("--pool-cfg", type=float, default=1.0, help="seqkd: CFG scale of the teacher's samples "
+                    "(default: 1.0, the teacher's own distribution)")
+    p.add_argument("--max-iters", type=int, help="optimizer steps of this run and of the student runs "
+                   "the pipeline builds first (default: --teacher-iters for the teacher, 400 otherwise)")
+    p.add_argument("--teacher-size", default="teacher", help="preset of the teacher the pipeline trains when "
+                   "--teacher is missing (default: teacher)")
+    p.add_argument("--teacher-iters", type=int, default=600, help="its optimizer steps (default: 600)")
+    p.add_argument("--batch-size", type=int, default=128, help="sequences per step (default: 128)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3 for ce, from scratch; 1e-3 "
+                   "for the KD methods, which start from a trained student)")
+    p.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine floor as a fraction of "
+                   "--lr (default: 0.1)")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: 100)")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"],
+                   help="learning-rate schedule after warm-up (default: cosine)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW decay on matrices "
+                   "(default: 0.05, LlamaGen's)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (default: 1.0)")
+    p.add_argument("--eval-interval", type=int, default=250, help="steps between held-out NLL "
+                   "evaluations (default: 250)")
+    p.add_argument("--eval-seqs", type=int, default=2000, help="test sequences for the periodic "
+                   "NLL; the final one uses the whole split (default: 2000)")
+    p.add_argument("--ckpt-interval", type=int, default=250, help="steps between checkpoints "
+                   "(default: 250)")
+    p.add_argument("--eval-samples", type=int, default=5000, help="samples per model for the final table's "
+                   "FID-cls and friends, 0 = none (default: 5000)")
+    p.add_argument("--eval-cfg", type=float, default=2.0, help="their classifier-free guidance (default: 2.0)")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run at --out (with "
+                   "the flags it was started with); the parents the pipeline builds are always continued")
+    p.add_argument("--seed", type=int, default=0, help="seed of init, data order and dropout (default: 0)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off for "
+                   "runs of several minutes)")
+    return p
+
+
+def get_args(argv=None, p=None, **stage):
+    """Parse argv (with parser p, default parser()), then fill in what depends on the method.
+    stage: values that override the parsed ones (the pipeline's parent runs)."""
+    p = p or parser()
+    args = p.parse_args(argv)
+    vars(args).update(stage)
+    for size in (args.size, args.teacher_size):
+        if size not in PRESETS:
+            p.error(f"unknown size {size!r}: choose one of {', '.join(PRESETS)}")
+    max_iters = args.max_iters  # shared only when given: each stage has its own default
+    if args.out is None:
+        args.out = (f"{args.out_dir}/teacher.pt" if args.size == "teacher" and args.method == "ce"
+                    else f"{args.out_dir}/{args.method}/ckpt.pt")
+    args.tokenizer = args.tokenizer or f"{args.out_dir}/tokenizer.pt"
+    args.teacher = args.teacher or f"{args.out_dir}/teacher.pt"
+    for key, value in DEFAULTS[args.method].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value.format(out_dir=args.out_dir) if isinstance(value, str) else value)
+    if isinstance(args.prefix_frac, str):
+        args.prefix_frac = tuple(float(x) for x in args.prefix_frac.split(","))
+    args.max_iters = args.max_iters or (args.teacher_iters if args.out == args.teacher else 400)
+    args.shared = {**{k: getattr(args, k) for k in SHARED}, "max_iters": max_iters}
+    return args
+
+
+def stage_args(args, stage):
+    """The run of a parent ('teacher', 'ce' or 'kd') the pipeline builds for `args`: that method's
+    defaults plus the flags every run shares. The teacher does not depend on --seed: one teacher
+    serves every seed of a study."""
+    if stage == "teacher":
+        return get_args([], **{**args.shared, "method": "ce", "size": args.teacher_size,
+                               "max_iters": args.teacher_iters, "seed": 0, "out": args.teacher})
+    return get_args([], **args.shared, method=stage)
+
+
+def pipeline(args):
+    """The runs `args` needs, parents first: the teacher, the no-KD student (ce), stage-1 KD from
+    it, then `args`. Parents are built only at their default paths: a --teacher or --init you pass
+    must exist."""
+    runs = []
+    if args.method != "ce" and args.teacher == f"{args.out_dir}/teacher.pt":
+        runs.append(stage_args(args, "teacher"))
+    chain = {"ce": [], "kd": ["ce"]}.get(args.method, ["ce", "kd"])
+    if chain and args.init == f"{args.out_dir}/{chain[-1]}/ckpt.pt":
+        # a parent that exists is reused or continued from what it was started with: its parents are not needed
+        start = max([i for i, m in enumerate(chain) if Path(f"{args.out_dir}/{m}/ckpt.pt").exists()], default=0)
+        runs += [stage_args(args, m) for m in chain[start:]]
+    return [r for r in runs if r.out != args.out] + [args]
+
+
+def role_of(run, args):
+    """What a run of the pipeline is, for messages: None for the run asked for."""
+    return None if run is args else ROLES["teacher" if run.out == args.teacher else run.method]
+
+
+def rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def setup_ddp(args):
+    """torchrun sets RANK: one process per GPU (nccl) or per CPU worker (gloo), nanoGPT's way."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        cuda = args.device.startswith("cuda")
+        if cuda:  # "cuda" then means this process's GPU, for every run of the pipeline
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return rank_world()
+
+
+def teardown_ddp():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def load_data(args):
+    """The tokenizer (trained on first use, Fashion-MNIST only) and the train/test token caches:
+    Fashion-MNIST encoded by rank 0, an image folder (ImageNet) by every rank, each its share."""
+    rank, world = rank_world()
+    folder = Path(args.data_dir, "train").is_dir()
+    if rank > 0 and not folder:
+        dist.barrier()  # wait for rank 0 to build what is missing
+    if not Path(args.tokenizer).exists() and folder:
+        raise SystemExit(f"no tokenizer at {args.tokenizer}: an image folder needs a trained one, e.g. "
+                         f"--tokenizer vq_ds16_c2i.pt (LlamaGen's VQ-16)")
+    if not Path(args.tokenizer).exists():
+        print(f"no tokenizer at {args.tokenizer}: training one (about 2 minutes on 2 CPU cores)")
+        tok.build(args.tokenizer, args.data_dir)
+    tokenizer = tok.load_tokenizer(args.tokenizer, image_size=args.image_size)
+    if folder:
+        tokenizer.to(args.device)
+    splits = prepare_tokens(tokenizer, args.data_dir, Path(args.out_dir) / "tokens", rank, world)
+    if rank == 0 and world > 1 and not folder:
+        dist.barrier()
+    return tokenizer, splits
+
+
+def load_parent(path, role, fingerprints, device, preset, tokenizer):
+    """A teacher or starting student (ours, or LlamaGen's with its preset), refused unless built on
+    the same tokenizer and data. Returns the model, its weights' fingerprint and its recorded test
+    NLL and KL when they were measured against this run's teacher."""
+    if not Path(path).exists():
+        flag = "teacher" if role == "teacher" else "init"
+        raise SystemExit(f"no {role} at {path}: pass an existing checkpoint as --{flag}, or drop --{flag} "
+                         f"and the pipeline builds one")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    theirs = ckpt.get("fingerprints", {})
+    for key in ("tokenizer", "data"):
+        if key in theirs and theirs[key] != fingerprints[key]:
+            raise SystemExit(f"the {role} {path} was built on {key} {theirs[key]}, not on this run's "
+                             f"{fingerprints[key]}: retrain it, or pass the --tokenizer it was built with")
+    # a preset builds a checkpoint without a config (LlamaGen's); ours record their config and fingerprint
+    model = load_checkpoint(path, None if "config" in ckpt else preset, tokenizer.cfg.grid_size)
+    if model.config.vocab_size != tokenizer.cfg.codebook_size:
+        raise SystemExit(f"the {role} {path} predicts {model.config.vocab_size} codes, the tokenizer has "
+                         f"{tokenizer.cfg.codebook_size}: pass the --tokenizer it was trained with")
+    weights_fp = ckpt.get("fingerprint") or fingerprint(*(v.numpy() for v in model.state_dict().values()))
+    measured = ckpt.get("metrics", {}) if theirs.get("teacher", 0) == fingerprints.get("teacher") else {}
+    return model.to(device), weights_fp, {k: measured[k] for k in ("test_nll", "test_kl") if k in measured}
+
+
+def existing_run(args, fingerprints, config, role):
+    """The checkpoint at args.out to reuse or continue, or None to start. Refuses one built from
+    other inputs, of another size or, for the run asked for, with other flags; a parent the
+    pipeline needs is continued with the flags it was started with."""
+    if not Path(args.out).exists():
+        return None
+    try:
+        ckpt = torch.load(args.out, map_location="cpu", weights_only=True)
+        theirs = ckpt["fingerprints"]
+    except Exception:
+        raise SystemExit(f"{args.out} exists and is not a checkpoint of distill.py: pass --out elsewhere "
+                         f"(nothing is overwritten)") from None
+    for key in sorted(set(theirs) | set(fingerprints)):
+        if theirs.get(key) != fingerprints.get(key):
+            raise SystemExit(f"{args.out} was built from another {key} ({theirs.get(key)}, now "
+                             f"{fingerprints.get(key)}): delete it to rebuild it, or pass --out elsewhere")
+    if ckpt["config"] != asdict(config):
+        c = ckpt["config"]
+        raise SystemExit(f"{args.out} holds a {c['n_layer']}-layer model of width {c['dim']}, not --size "
+                         f"{args.size} ({config.n_layer} x {config.dim}): pass the --size it was trained with, "
+                         f"or --out elsewhere")
+    differs = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} (now {getattr(args, k)})"
+               for k in RECIPE if ckpt["args"].get(k) != getattr(args, k)]
+    if differs and role is None:
+        raise SystemExit(f"{args.out} was trained with {', '.join(differs)}: pass the same flags to reuse "
+                         f"or continue it, or --out elsewhere (nothing is overwritten)")
+    if ckpt["step"] < ckpt["args"]["max_iters"] and role is None and not args.resume:
+        raise SystemExit(f"{args.out} stopped at step {ckpt['step']} of {ckpt['args']['max_iters']}: pass "
+                         f"--resume to continue it, or --out elsewhere (nothing is overwritten)")
+    return ckpt
+
+
+def open_run(args, tokenizer, splits, role=None):
+    """Everything one run starts from: its flags (a parent's: those it was started with), the
+    fingerprints of its inputs, the teacher, the model with the weights it starts from (the
+    checkpoint at --out to continue, else --init, else fresh), its AdamW (betas 0.9/0.95, decay on
+    matrices only, as LlamaGen; a continued run's state and RNG restored), the step and the metrics. done: the checkpoint at --out is finished and
+    is reused as it is (no model is built)."""
+    rank, world = rank_world()
+    device = torch.device(args.device)
+    (_, train_labels, data_fp) = splits["train"]
+    fingerprints = {"tokenizer": tokenizer.fingerprint, "data": data_fp}
+    config = GPTConfig(**PRESETS[args.size], vocab_size=tokenizer.cfg.codebook_size,
+                       num_classes=int(train_labels.max()) + 1, grid_size=tokenizer.cfg.grid_size)
+    if role is not None and Path(args.out).exists():  # a parent keeps the inputs it was started with
+        started = torch.load(args.out, map_location="cpu", weights_only=True).get("args", {})
+        args = argparse.Namespace(**{**vars(args), **{k: started[k] for k in ("init", "teacher", "teacher_preset")
+                                                      if k in started}})
+    teacher = init = None
+    if args.method != "ce":
+        teacher, fingerprints["teacher"], _ = load_parent(args.teacher, "teacher", fingerprints, device,
+                                                          args.teacher_preset, tokenizer)
+        teacher.requires_grad_(False)
+    init_measured = {}
+    if args.init != "none":
+        init, fingerprints["init"], init_measured = load_parent(args.init, "student", fingerprints, device,
+                                                                args.size, tokenizer)
+        if asdict(init.config) != asdict(config):
+            raise SystemExit(f"{args.init} is not a --size {args.size} model ({init.config.n_layer} layers of "
+                             f"width {init.config.dim}, not {config.n_layer} x {config.dim}): pass the --size it "
+                             f"was trained with")
+    ckpt = existing_run(args, fingerprints, config, role)
+    if ckpt is not None and role is not None:  # a parent runs with the flags it was started with
+        args = argparse.Namespace(**{**vars(args), **{k: ckpt["args"][k] for k in RECIPE}})
+    run = SimpleNamespace(args=args, config=config, fingerprints=fingerprints, teacher=teacher, done=False,
+                          model=None, optimizer=None, start=0, metrics={"wall_time": 0.0},
+                          init_measured=init_measured)
+    if ckpt is not None and ckpt["step"] >= args.max_iters:
+        if rank == 0:
+            print(f"{role or args.method} {args.out}: built ({args.method}, {ckpt['step']} steps), reusing it")
+        run.done, run.metrics = True, ckpt["metrics"]
+        return run
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} does not split over {world} processes: pass a multiple of {world}")
+    run.model = GPT(config).to(device)
+    if init is not None:
+        run.model.load_state_dict(init.state_dict())
+    decay = [p for p in run.model.parameters() if p.dim() >= 2]  # LlamaGen: no decay on norms
+    no_decay = [p for p in run.model.parameters() if p.dim() < 2]
+    run.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    n_params = sum(p.numel() for p in run.model.parameters())
+    what = (f"{args.method}, {args.size} model ({n_params / 1e6:.2f}M parameters), {args.max_iters} steps of "
+            f"{args.batch_size} sequences x {config.block_size} codes -> {args.out}")
+    if ckpt is not None:
+        run.model.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        run.start, run.metrics = ckpt["step"], ckpt["metrics"]
+        if rank == 0:
+            print(f"{args.out} stopped at step {run.start}: continuing it ({what})")
+    elif rank == 0:
+        stage = "teacher" if role == "teacher" else args.method
+        default = args.size == ("teacher" if role == "teacher" else "student") and args.batch_size == 128
+        minutes = MINUTES.get(stage, 0) * args.max_iters / (600 if stage == "teacher" else 400)
+        about = f", about {minutes:.0f} minutes on 2 CPU cores" if default and minutes else ""
+        print(f"no {role} at {args.out}: training one ({what}{about})" if role else f"{what}{about}")
+    return run
+
+
+def weights_fingerprint(model):
+    return fingerprint(*(v.cpu().numpy() for v in model.state_dict().values()))
+
+
+def check_ranks_agree(model, world):
+    """DDP keeps the ranks' weights equal: checked once, at the end of a run."""
+    weights = [None] * world
+    dist.all_gather_object(weights, weights_fingerprint(model))
+    if len(set(weights)) > 1:
+        raise SystemExit(f"the {world} ranks ended with different weights: a bug, please report it")
+
+
+def save_checkpoint(path, model, optimizer, step, args, fingerprints, metrics):
+    """Atomically: the weights and their fingerprint, config, optimizer, step, flags, RNG state, the
+    fingerprints of the inputs and the metrics so far."""
+    state = {"model": model.state_dict(), "config": asdict(model.config), "optimizer": optimizer.state_dict(),
+             "step": step, "args": vars(args), "rng": torch.get_rng_state(), "fingerprints": fingerprints,
+             "fingerprint": weights_fingerprint(model), "metrics": metrics}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
