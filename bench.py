@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import distill
-import runs
 import evaluate
+import runs
 import tokenizer as tok
 from model import GPT, PRESETS, GPTConfig, load_checkpoint
 from sample import generate, speculative_speed

@@ -316,7 +316,8 @@ def main(argv=None):
         if rank == 0:
             print("an image folder: the table has test NLL and KL; FID: torchrun ... evaluate.py CKPT --features inception")
     for run in runs.pipeline(args):
-        metrics = train(run, tokenizer, splits, runs.role_of(run, args))
+        role = None if run is args else runs.ROLES["teacher" if run.out == args.teacher else run.method]
+        metrics = train(run, tokenizer, splits, role)
     if rank == 0:  # the main job's table: every finished model in --out-dir, each measured once
         paths = [args.teacher] + [f"{args.out_dir}/{m}/ckpt.pt" for m in runs.METHODS] + [args.out]
         table(paths, tokenizer, *splits["test"][:2], args)

@@ -177,11 +177,6 @@ def pipeline(args):
     return [r for r in runs if r.out != args.out] + [args]
 
 
-def role_of(run, args):
-    """What a run of the pipeline is, for messages: None for the run asked for."""
-    return None if run is args else ROLES["teacher" if run.out == args.teacher else run.method]
-
-
 def rank_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 

@@ -66,10 +66,9 @@ def study_runs(args, seed):
                       for name, method, flags, _, _ in ROWS]
 
 
-def run(args, tokenizer, splits):
+def run(args, tokenizer, splits, seeds):
     """Train what is missing, measure what is unmeasured, then write the results."""
     t0, (rank, _) = time.time(), runs.rank_world()
-    seeds = [int(s) for s in str(args.seeds).split(",")]
     if args.teacher == f"{args.out_dir}/teacher.pt":
         train(runs.stage_args(args, "teacher"), tokenizer, splits, role="teacher")
     lines = {}  # (name, seed) -> the table line of that model
@@ -237,7 +236,7 @@ def main(argv=None):
     rank, _ = runs.setup_ddp(args)
     torch.manual_seed(args.seed + rank)
     tokenizer, splits = runs.load_data(args)
-    results = run(args, tokenizer, splits)
+    results = run(args, tokenizer, splits, seeds)
     runs.teardown_ddp()
     return results
 
