@@ -22,10 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import classifier
 import distill
 import evaluate
 import runs
 import tokenizer as tok
+from data import WEIGHTS
 from model import GPT, PRESETS, GPTConfig, load_checkpoint
 from sample import generate, speculative_speed
 
@@ -62,7 +64,7 @@ def main():
     p.add_argument("--imagenet", action="store_true", help="only the ImageNet figures: VQ-16 encoding at 256 px, "
                    "a GPT-B ce step, a GPT-L forward and a kd / varkd step L -> B on 16x16 codes of 16384")
     p.add_argument("--speculative", action="store_true", help="only the speculative sampling figures: "
-                   "out/teacher.pt with each student of the main job as its draft")
+                   "the shipped teacher with each student of the main job as its draft")
     p.add_argument("--out-dir", default="out", help="--speculative: where the main job's checkpoints are (default: out)")
     p.add_argument("--gamma", default="4", help="--speculative: codes drafted per round, comma-separated (default: 4)")
     p.add_argument("--spec-images", type=int, default=50, help="--speculative: images per figure (default: 50)")
@@ -154,19 +156,19 @@ def speculative(args, device):
     call and wall-clock speed-up over the teacher alone, one image per call (speculative sampling
     is a latency method) and --batch-size images per call (rows advance by the batch's shortest
     accepted run), classifier-free guidance 2 on both."""
-    teacher = load_checkpoint(f"{args.out_dir}/teacher.pt").to(device)
-    drafts = {m: load_checkpoint(path).to(device) for m in ("ce", "kd", "seqkd", "onpolicy", "varkd")
-              if Path(path := f"{args.out_dir}/{m}/ckpt.pt").exists()}
+    teacher = load_checkpoint(WEIGHTS / "teacher.pt").to(device)
+    paths = {"ce": WEIGHTS / "student.pt", **{m: Path(f"{args.out_dir}/{m}/ckpt.pt") for m in runs.METHODS[1:]}}
+    drafts = {m: load_checkpoint(path).to(device) for m, path in paths.items() if path.exists()}
     if not drafts:
         raise SystemExit(f"no students under {args.out_dir}/: run python distill.py (the main job) first")
     classes = teacher.config.num_classes
     labels = torch.arange(classes, device=device).repeat(-(-args.spec_images // classes))[: args.spec_images]
-    print(f"device {device}, {torch.get_num_threads()} threads, {len(labels)} images, {args.out_dir}/teacher.pt "
+    print(f"device {device}, {torch.get_num_threads()} threads, {len(labels)} images, the shipped teacher "
           f"as target, CFG 2.0")
     deltas = [float(d) for d in args.relax_delta.split(",")]
     groups = None  # relaxed acceptance pools over VarKD's codebook groups, from the main job's tokenizer
     if any(deltas):
-        groups = tok.load_tokenizer(f"{args.out_dir}/tokenizer.pt").codebook_groups(teacher.config.vocab_size // 4)
+        groups = tok.load_tokenizer(WEIGHTS / "tokenizer.pt").codebook_groups(teacher.config.vocab_size // 4)
         groups = groups.to(device)
     print(f"{'draft':>9} {'gamma':>6} {'delta':>6} {'batch':>6} {'accepted':>9} {'codes/call':>11} {'img/s':>7} "
           f"{'speed-up':>9} {'draft cost':>11}")
@@ -232,7 +234,7 @@ def evaluation(args, device):
     print(f"\nFrechet distance at 2048-d: Cholesky + eigvalsh {t_ours:.2f} s, scipy sqrtm {t_sqrtm:.2f} s "
           f"({t_sqrtm / t_ours:.1f}x), relative difference {abs(ours - reference) / reference:.1e}")
     images = torch.randint(0, 256, (args.batch_size, 28, 28, 1), dtype=torch.uint8).numpy()
-    for name, model in (("classifier (28 px)", evaluate.Classifier()), ("FID Inception (299 px)", evaluate.InceptionV3())):
+    for name, model in (("classifier (28 px)", classifier.Classifier()), ("FID Inception (299 px)", evaluate.InceptionV3())):
         model = model.to(device).eval()
         t = timed(lambda: evaluate.extract(model, images, device, args.batch_size), device, max(1, args.repeats // 2))
         print(f"{name:>24}: {args.batch_size / t:,.0f} images/s")

@@ -47,6 +47,16 @@ CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
+WEIGHTS = Path(__file__).parent / "weights"  # the shipped tokenizer, teacher, no-KD student and FID-cls classifier
+
+
+def beside(path, out_dir="out"):
+    """Where what is computed about a file (its samples, its metrics.json) goes: beside it, or under
+    <out_dir>/weights/ for a shipped file, since weights/ holds the shipped files alone."""
+    path = Path(path)
+    return (Path(out_dir) / "weights" if path.parent.resolve() == WEIGHTS.resolve() else path.parent) / path.name
+
+
 def fingerprint(*parts):
     """Short sha256 of arrays, strings and numbers: what an artifact was built from."""
     h = hashlib.sha256()
@@ -322,16 +332,18 @@ def encode_chunks(parts, paths, size, encode, rank=0, world=1, chunk=1024, batch
     return todo
 
 
-def prepare_tokens(tokenizer, data_dir, cache_dir, rank=0, world=1):
+def prepare_tokens(tokenizer, data_dir, cache_dir, rank=0, world=1, flip=False):
     """The train/test token caches of `tokenizer` under cache_dir, built on first use: Fashion-MNIST
     (called by rank 0 alone), or an image folder with train/ (and val/) encoded over every rank.
+    flip: Fashion-MNIST's training split also as mirror images, two rows per image as an image
+    folder's (train_flip.*); the test split is never flipped.
     Returns {split: (codes (N, T), labels (N,), data fingerprint)}; the training codes stay int16
     (ImageNet: 2.6M sequences x 256 codes) and are cast per batch."""
     folder = Path(data_dir, "train").is_dir()
     encode = lambda x: tokenizer.encode(x).cpu().numpy()  # noqa: E731
     splits = {}
     for split in ("train", "test"):
-        prefix = Path(cache_dir) / split
+        prefix = Path(cache_dir) / ("train_flip" if split == "train" and flip and not folder else split)
         if not prefix.with_suffix(".json").exists() and rank == 0:
             print(f"no token cache at {prefix}.*: encoding the {split} split once")
         if folder:
@@ -344,6 +356,8 @@ def prepare_tokens(tokenizer, data_dir, cache_dir, rank=0, world=1):
                 codes, labels = codes[:10000], labels[:10000]
         else:
             images, labels = load_fashion_mnist(split, data_dir)
+            if split == "train" and flip:  # rows 2i, 2i + 1: image i and its mirror image
+                images, labels = np.stack([images, images[:, :, ::-1]], 1).reshape(-1, *images.shape[1:]), labels.repeat(2)
             codes, labels, data_fp = token_cache(prefix, images, labels, encode, tokenizer.fingerprint)
         codes = torch.from_numpy(np.array(codes).reshape(len(codes), -1))
         splits[split] = (codes if split == "train" else codes.long(), torch.from_numpy(np.asarray(labels)), data_fp)

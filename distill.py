@@ -64,9 +64,10 @@ def kd_loss(s_logits, t_logits, tau=1.0):
     return jsd(F.log_softmax(s_logits / tau, -1), F.log_softmax(t_logits / tau, -1), 0).mean() * tau ** 2
 
 
-def gkd_loss(s_logits, t_logits, beta=0.5):
-    """GKD: generalized JSD_beta at every position."""
-    return jsd(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), beta).mean()
+def gkd_loss(s_logits, t_logits, beta=0.5, mask=None):
+    """GKD: generalized JSD_beta at every position, or at those in a boolean mask (B, T)."""
+    d = jsd(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), beta)
+    return d.mean() if mask is None else (d * mask).sum() / mask.sum().clamp_min(1)
 
 
 def entropy_weights(t_logits, threshold=0.1, mask=None):
@@ -183,7 +184,9 @@ def method_loss(args, step_fn, model, teacher, codes, labels, groups, g):
     rollout = args.method in ("onpolicy", "varkd") and torch.rand(1, generator=g, device=g.device).item() < args.lam
     if rollout:
         window = 0 if args.method != "varkd" or args.no_parallel else args.window
-        codes, mask = mixed_rollout(model, codes, labels, args.prefix_frac, g, window)
+        codes, sampled = mixed_rollout(model, codes, labels, args.prefix_frac, g, window)
+        # --supervise: the whole rollout, real prefix included (GKD's way), or the sampled codes only
+        mask = sampled if args.supervise == "sampled" else mask
     logits = step_fn(codes, labels)  # (B, T, V)
     if args.method == "ce":
         return F.cross_entropy(logits.flatten(0, 1), codes.flatten())
@@ -192,13 +195,13 @@ def method_loss(args, step_fn, model, teacher, codes, labels, groups, g):
     if args.method in ("kd", "seqkd"):
         loss = kd_loss(logits, t_logits, args.tau)
     elif args.method == "onpolicy":
-        loss = gkd_loss(logits, t_logits, args.beta)
+        loss = gkd_loss(logits, t_logits, args.beta, mask)
     else:
         weights = (torch.ones_like(mask, dtype=logits.dtype) if args.no_entropy_weights else
                    entropy_weights(t_logits, None if args.no_truncation else args.threshold, mask))
         loss = varkd_loss(logits, t_logits, weights, mask, groups, args.beta)
     if args.ce_weight > 0 and args.method != "seqkd":
-        real = ~mask if rollout else mask  # CE on real codes only
+        real = ~sampled if rollout else mask  # CE on real codes only
         ce = F.cross_entropy(logits.flatten(0, 1), codes.flatten(), reduction="none")
         loss = loss + args.ce_weight * (ce * real.flatten()).sum() / real.sum()
     return loss
@@ -274,8 +277,10 @@ def train(args, tokenizer, splits, role=None):
         done = step + 1
         if done % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens / (time.time() - t0):.0f}")
-        if rank == 0 and done % args.eval_interval == 0 and done < args.max_iters:
+        if rank == 0 and (done % args.eval_interval == 0 or done == args.max_iters):
+            # the curve, on the first --eval-seqs test sequences at every point, the last step included
             m = held_out(model, test_codes[:args.eval_seqs], test_labels[:args.eval_seqs], teacher)
+            metrics.setdefault("curve", []).append([done, *m.values()])
             bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()) +
                       f" nats/code (first {args.eval_seqs} test sequences)")
         if done % args.ckpt_interval == 0 or done == args.max_iters:
@@ -302,7 +307,11 @@ def main(argv=None):
     p = runs.parser(__doc__)
     p.add_argument("--prepare", action="store_true", help="build the tokenizer and token caches, then stop "
                    "(ImageNet: the token extraction, over all ranks under torchrun)")
+    p.add_argument("--export", nargs=2, metavar=("CKPT", "DST"), help="instead, write a finished checkpoint "
+                   "without its optimizer state to DST, as the files in weights/ were made")
     args = runs.get_args(argv, p)
+    if args.export:
+        return runs.export(*args.export)
     rank, _ = runs.setup_ddp(args)
     torch.manual_seed(args.seed + rank)
     tokenizer, splits = runs.load_data(args)
@@ -319,7 +328,8 @@ def main(argv=None):
         role = None if run is args else runs.ROLES["teacher" if run.out == args.teacher else run.method]
         metrics = train(run, tokenizer, splits, role)
     if rank == 0:  # the main job's table: every finished model in --out-dir, each measured once
-        paths = [args.teacher] + [f"{args.out_dir}/{m}/ckpt.pt" for m in runs.METHODS] + [args.out]
+        student = runs.stage_args(args, "kd").init  # the no-KD student: the shipped one by default
+        paths = [args.teacher, student] + [f"{args.out_dir}/{m}/ckpt.pt" for m in runs.METHODS] + [args.out]
         table(paths, tokenizer, *splits["test"][:2], args)
     runs.teardown_ddp()
     return metrics

@@ -10,11 +10,12 @@ class accuracy; held-out NLL and KL to the teacher; the main job's table.
         --num-samples 50000 --cfg-scale 2.0 --ref VIRTUAL_imagenet256_labeled.npz     # ImageNet: 50k samples over 8 GPUs
 
 Every figure is named by its features: "FID" with the FID Inception (pytorch-fid's 2015-12-05
-weights; the network is in inception.py), "FID-cls" with a small CNN trained on the dataset's
-training split (<out-dir>/classifier.pt, trained once). There is no fallback from one to the other.
+weights; the network is in inception.py), "FID-cls" with the shipped classifier, weights/classifier.pt,
+a small CNN trained on Fashion-MNIST's training split (classifier.py): FID-cls always means that
+classifier, so every machine's figures compare. There is no fallback from one to the other.
 Reference features of the real test split (or of --ref's images) are computed once and cached by
 fingerprint (<out-dir>/ref/); --ref's mu/sigma are used as they are. Results go to metrics.json
-beside the target.
+beside the target (under <out-dir>/weights/ for a shipped file).
 """
 import argparse
 import functools
@@ -26,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from data import atomic_write, fingerprint, load_fashion_mnist, load_image_folder, save_grid
+from classifier import as_input, load_classifier
+from data import WEIGHTS, atomic_write, beside, fingerprint, load_fashion_mnist, load_image_folder, save_grid
 from inception import InceptionV3, load_inception  # noqa: F401 (re-exported: evaluate.InceptionV3, evaluate.load_inception)
 from model import load_checkpoint
 from sample import generate
@@ -126,83 +127,6 @@ def metrics(real, fake, logits, labels=None, suffix="", real_stats=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# The in-domain classifier (FID-cls): a small CNN trained on the training split.
-
-
-class Classifier(nn.Module):
-    """Three conv blocks (two of them halving the side), then a 128-d layer on the flattened map:
-    its output is the FID-cls feature, a linear head gives the class logits. forward(x, logits=False)
-    takes floats (N, C, H, W) in [0, 1], as InceptionV3 does."""
-
-    def __init__(self, in_channels=1, num_classes=10, image_size=28, width=32):
-        super().__init__()
-        blocks, c = [], in_channels
-        for i, out in enumerate((width, 2 * width, 4 * width)):
-            blocks += [nn.Conv2d(c, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
-            blocks += [nn.MaxPool2d(2)] if i < 2 else []
-            c = out
-        side = image_size // 4  # a flattened map keeps where things are: garments differ by shape
-        self.features = nn.Sequential(*blocks, nn.Flatten(), nn.Linear(c * side * side, 128), nn.ReLU())
-        self.head = nn.Linear(128, num_classes)
-
-    def forward(self, x, logits=False):
-        f = self.features(x * 2 - 1)
-        return (f, self.head(f)) if logits else f
-
-
-def as_input(images, channels=None):
-    """uint8 (N, H, W, C) -> float (N, C, H, W) in [0, 1]; grey replicated when channels=3."""
-    x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 255
-    return x.expand(-1, 3, -1, -1) if channels == 3 and x.shape[1] == 1 else x
-
-
-def train_classifier(images, labels, test_images, test_labels, epochs=2, batch_size=128, lr=2e-3, seed=0):
-    """AdamW with a one-cycle schedule; returns (model, test accuracy)."""
-    torch.manual_seed(seed)
-    model = Classifier(images.shape[-1], int(labels.max()) + 1, images.shape[1])
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    steps = epochs * (len(images) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.as_tensor(labels)
-    model.train()
-    for step in (bar := tqdm(range(steps), desc="classifier")):
-        idx = torch.randint(len(images), (batch_size,), generator=g)
-        x = as_input(images[idx.numpy()])
-        loss = F.cross_entropy(model(x, logits=True)[1], labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    _, logits = extract(model.eval(), test_images)
-    return model, float((logits.argmax(1) == np.asarray(test_labels)).mean())
-
-
-def load_classifier(out_dir, data_dir):
-    """<out_dir>/classifier.pt, trained on Fashion-MNIST's training split the first time (about a
-    minute on 2 CPU cores); refused if the data it was trained on differ."""
-    path = Path(out_dir) / "classifier.pt"
-    train_images, train_labels = load_fashion_mnist("train", data_dir)
-    data_fp = fingerprint(train_images, train_labels)
-    if not path.exists():
-        print(f"no classifier at {path}: training one for FID-cls (about 2 minutes on 2 CPU cores)")
-        test_images, test_labels = load_fashion_mnist("test", data_dir)
-        model, acc = train_classifier(train_images, train_labels, test_images, test_labels)
-        print(f"classifier: test accuracy {acc:.4f}")
-        state = {"model": model.state_dict(), "in_channels": train_images.shape[-1], "image_size": train_images.shape[1],
-                 "num_classes": int(train_labels.max()) + 1, "data": data_fp, "test_accuracy": acc}
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt["data"] != data_fp:
-        raise SystemExit(f"{path} was trained on other data ({ckpt['data']}, now {data_fp}): delete it to retrain it")
-    model = Classifier(ckpt["in_channels"], ckpt["num_classes"], ckpt["image_size"])
-    model.load_state_dict(ckpt["model"])
-    return model.eval().requires_grad_(False)
-
-
-# ------------------------------------------------------------------------------------------------
 # Feature passes, reference statistics, targets.
 
 
@@ -220,10 +144,10 @@ def extract(extractor, images, device="cpu", batch_size=200):
 
 
 @functools.lru_cache(maxsize=2)  # a table scores every model with the same extractor
-def load_extractor(features, out_dir, data_dir, inception_weights=None, device="cpu"):
-    """'cls': the in-domain classifier; 'inception': the FID Inception. Fingerprinted, so that
+def load_extractor(features, data_dir, inception_weights=None, device="cpu"):
+    """'cls': the shipped classifier; 'inception': the FID Inception. Fingerprinted, so that
     reference features are cached per extractor."""
-    model = load_classifier(out_dir, data_dir) if features == "cls" else load_inception(inception_weights)
+    model = load_classifier(data_dir) if features == "cls" else load_inception(inception_weights)
     model.fingerprint = fingerprint(*(v.numpy() for v in model.state_dict().values()))
     return model.to(device)
 
@@ -303,7 +227,7 @@ def evaluate_images(images, labels, features, out_dir, data_dir, inception_weigh
     if real is not None and images.shape[1:] != real.shape[1:]:
         raise SystemExit(f"the images are {'x'.join(map(str, images.shape[1:]))} but the reference test split is "
                          f"{'x'.join(map(str, real.shape[1:]))}: pass images of the dataset's size")
-    extractor = load_extractor(features, out_dir, data_dir, inception_weights, device)
+    extractor = load_extractor(features, data_dir, inception_weights, device)
     feats, logits = extract(extractor, images, device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         shares = [None] * dist.get_world_size()
@@ -380,11 +304,11 @@ def report(path, ckpt, tokenizer, test_codes, test_labels, teacher, teacher_fp, 
     """The table line of the checkpoint at `path`, computed once and kept in metrics.json with the
     fingerprints it was measured with, and a grid of samples beside it (<path>.png): ten per class,
     the first of the same sampling seed for every model."""
-    path = Path(path)
+    shadow = beside(path, args.out_dir)  # its samples and metrics.json (out/weights/ for a shipped file)
     weights_fp = ckpt.get("fingerprint") or fingerprint(*(v.numpy() for v in ckpt["model"].values()))
     key = fingerprint(weights_fp, teacher_fp, args.eval_samples, args.eval_cfg, args.seed)
-    line = cached_metrics(path, key)
-    if line is not None and path.with_suffix(".png").exists():
+    line = cached_metrics(shadow, key)
+    if line is not None and shadow.with_suffix(".png").exists():
         return line
     device = test_codes.device
     model = load_checkpoint(path).to(device).eval()
@@ -403,10 +327,10 @@ def report(path, ckpt, tokenizer, test_codes, test_labels, teacher, teacher_fp, 
             **held}
     if args.eval_samples > 0:
         line.update(evaluate_images(images, labels, "cls", args.out_dir, args.data_dir, device=device))
-    line.update(eval_time=time.time() - t0, samples=str(path.with_suffix(".png")))
+    line.update(eval_time=time.time() - t0, samples=str(shadow.with_suffix(".png")))
     order = np.argsort(labels[:10 * classes], kind="stable")  # labels cycle through the classes
-    save_grid(images[order].reshape(classes, 10, *images.shape[1:]), path.with_suffix(".png"))
-    save_metrics(path, key, line)
+    save_grid(images[order].reshape(classes, 10, *images.shape[1:]), shadow.with_suffix(".png"))
+    save_metrics(shadow, key, line)
     return {"key": key, **line}
 
 
@@ -420,7 +344,7 @@ def table(paths, tokenizer, test_codes, test_labels, args):
         teacher = load_checkpoint(args.teacher, args.teacher_preset, tokenizer.cfg.grid_size).to(device)
         teacher_fp = torch.load(args.teacher, map_location="cpu", weights_only=True).get("fingerprint", "")
     if args.eval_samples > 0:
-        load_extractor("cls", args.out_dir, args.data_dir, None, device)  # trained if missing, before the table
+        load_extractor("cls", args.data_dir, None, device)  # refused if missing, before the table
     cols = ("FID-cls", "KID-cls", "precision-cls", "recall-cls", "IS-cls", "class_acc-cls")
     print(f"\n{'model':<22} {'params':>7} {'steps':>5} {'NLL':>6} {'KL(T|m)':>7} {'FID-cls':>7} {'KID-cls':>7} "
           f"{'prec':>5} {'recall':>6} {'IS-cls':>6} {'acc':>5} {'train':>6}  samples")
@@ -455,10 +379,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--ref", help="real reference: an .npz with mu/sigma (e.g. ADM's VIRTUAL_imagenet256_labeled.npz) "
                    "and/or arr_0 images, or an image folder (default: the Fashion-MNIST test split)")
-    p.add_argument("--tokenizer", default="out/tokenizer.pt", help="the checkpoint's tokenizer (default: out/tokenizer.pt)")
+    p.add_argument("--tokenizer", default=str(WEIGHTS / "tokenizer.pt"), help="the checkpoint's tokenizer "
+                   "(default: the shipped one, weights/tokenizer.pt)")
     p.add_argument("--preset", help="preset of a checkpoint without a config, e.g. B for LlamaGen's c2i_B_256.pt")
     p.add_argument("--image-size", type=int, help="the tokenizer's image side, e.g. 384 (default: its own)")
-    p.add_argument("--out-dir", default="out", help="where the classifier and reference features live (default: out)")
+    p.add_argument("--out-dir", default="out", help="where reference features are cached (default: out)")
     p.add_argument("--data-dir", default="data", help="Fashion-MNIST folder (default: data, then the Debian package's)")
     p.add_argument("--inception-weights", help="pt_inception-2015-12-05-6726825d.pth (default: downloaded once)")
     p.add_argument("--save-npz", help="also write the drawn samples here (arr_0 images, arr_1 labels), for "
@@ -487,7 +412,7 @@ def main(argv=None):
     if args.rank == 0:
         result["n"], result["seconds"] = n, time.time() - t0
         key = fingerprint(args.features, result["n"], args.cfg_scale, args.seed, args.ref)
-        save_metrics(Path(args.target), key, result)
+        save_metrics(beside(args.target, args.out_dir), key, result)
         width = max(map(len, result))
         for k, v in result.items():
             print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")

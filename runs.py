@@ -18,31 +18,34 @@ import torch
 import torch.distributed as dist
 
 import tokenizer as tok
-from data import atomic_write, fingerprint, prepare_tokens
+from data import WEIGHTS, atomic_write, fingerprint, prepare_tokens
 from model import GPT, PRESETS, GPTConfig, load_checkpoint
 
 METHODS = ("ce", "kd", "seqkd", "onpolicy", "varkd")
-# each method's defaults for the flags left unset (the rest of the table in the flags' help):
-# where it starts (the paper's two stages: kd from the no-KD student, stage 2 from kd), its peak
-# learning rate (ce trains from scratch), GKD's lambda and beta, and VarKD's (our choice where
-# the paper is silent: rollouts on every step; the reverse KL it writes)
+# each method's defaults for the flags left unset (the rest of the table in the flags' help): its
+# steps (ce: the shipped student's), where it starts (the paper's two stages: kd from the no-KD
+# student, {student}: the shipped one with the shipped tokenizer; stage 2 from kd), its peak
+# learning rate (ce trains from scratch), GKD's lambda and beta, VarKD's (our choice where the
+# paper is silent: rollouts on every step; the reverse KL it writes), and which rollout positions
+# are supervised (GKD scores whole sequences; VarKD is about the student-sampled contexts)
 DEFAULTS = {
-    "ce": dict(init="none", lr=3e-3, lam=0.0, beta=0.5),
-    "kd": dict(init="{out_dir}/ce/ckpt.pt", lr=1e-3, lam=0.0, beta=0.5),
-    "seqkd": dict(init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=0.0, beta=0.5),
-    "onpolicy": dict(init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=0.1, beta=0.5),
-    "varkd": dict(init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=1.0, beta=1.0),
+    "ce": dict(max_iters=12000, init="none", lr=3e-3, lam=0.0, beta=0.5, supervise="all"),
+    "kd": dict(max_iters=400, init="{student}", lr=1e-3, lam=0.0, beta=0.5, supervise="all"),
+    "seqkd": dict(max_iters=400, init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=0.0, beta=0.5, supervise="all"),
+    "onpolicy": dict(max_iters=400, init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=0.1, beta=0.5, supervise="all"),
+    "varkd": dict(max_iters=400, init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=1.0, beta=1.0, supervise="sampled"),
 }
 # flags every run of one pipeline shares: the parents built for a run get them too
-SHARED = ("out_dir", "data_dir", "image_size", "tokenizer", "teacher", "teacher_preset", "teacher_size",
+SHARED = ("out_dir", "data_dir", "flip", "image_size", "tokenizer", "teacher", "teacher_preset", "teacher_size",
           "teacher_iters", "size", "batch_size", "seed", "device", "compile", "eval_interval", "eval_seqs",
           "ckpt_interval")
 # what a run's weights depend on besides its inputs: a checkpoint is reused or continued only with the same
 RECIPE = ("method", "size", "max_iters", "batch_size", "lr", "min_lr_frac", "warmup", "schedule", "weight_decay",
-          "grad_clip", "seed", "tau", "ce_weight", "lam", "beta", "prefix_frac", "threshold", "no_entropy_weights",
+          "grad_clip", "seed", "tau", "ce_weight", "lam", "beta", "supervise", "prefix_frac", "threshold", "no_entropy_weights",
           "no_truncation", "no_groups", "groups", "no_parallel", "window", "pool_size", "pool_refresh", "pool_cfg")
 ROLES = {"teacher": "teacher", "ce": "no-KD student", "kd": "stage-1 KD student"}
-MINUTES = {"teacher": 8, "ce": 2, "kd": 4, "seqkd": 5, "onpolicy": 4, "varkd": 6}  # default sizes, 2 CPU cores
+# minutes per 1000 steps at the default sizes on 2 CPU cores (RESULTS.md), for the messages
+MINUTES = {"teacher": 13, "ce": 2.3, "kd": 5, "seqkd": 8, "onpolicy": 5, "varkd": 6}
 
 
 def parser(description=None):
@@ -59,15 +62,19 @@ def parser(description=None):
     p.add_argument("--data-dir", default="data", help="Fashion-MNIST folder (default: data, then the "
                    "Debian package's, then download); a folder with train/ (and val/) of one subfolder per "
                    "class, e.g. ImageNet, is encoded once to the token cache, over all ranks")
+    p.add_argument("--flip", action="store_true", help="Fashion-MNIST: train on the mirror images too, as "
+                   "LlamaGen extracts ImageNet (default: off; measured worse here: footwear faces one way)")
     p.add_argument("--image-size", type=int, help="side of the images the tokenizer encodes, e.g. 384 for "
                    "LlamaGen's 384-px models (default: the tokenizer's own, 256 for VQ-16)")
-    p.add_argument("--tokenizer", help="tokenizer checkpoint (default: <out-dir>/tokenizer.pt, "
-                   "trained if missing)")
-    p.add_argument("--teacher", help="teacher checkpoint for the KD methods (default: <out-dir>/teacher.pt)")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint, trained if missing (default: the shipped one, "
+                   "weights/tokenizer.pt; an image folder needs its own)")
+    p.add_argument("--teacher", help="teacher checkpoint for the KD methods (default: weights/teacher.pt with the "
+                   "shipped tokenizer, else <out-dir>/teacher.pt, trained if missing)")
     p.add_argument("--teacher-preset", help="preset of a --teacher without a config, e.g. L for LlamaGen's "
                    "c2i_L_256.pt (--size is the student's: B for c2i_B_256.pt)")
-    p.add_argument("--init", "--student", help="student checkpoint to start from (default: <out-dir>/ce/ckpt.pt "
-                   "for kd, <out-dir>/kd/ckpt.pt for seqkd/onpolicy/varkd: the paper's two stages; 'none' = scratch)")
+    p.add_argument("--init", "--student", help="student checkpoint to start from (default: the no-KD student for "
+                   "kd: weights/student.pt with the shipped tokenizer, else <out-dir>/ce/ckpt.pt; <out-dir>/kd/ckpt.pt "
+                   "for seqkd/onpolicy/varkd: the paper's two stages; 'none' = scratch)")
     kd = p.add_argument_group("distillation (defaults: the paper's settings where it gives them)")
     kd.add_argument("--tau", type=float, default=1.0, help="kd/seqkd temperature (default: 1.0)")
     kd.add_argument("--ce-weight", type=float, default=0.0, help="adds this x next-code CE on the data "
@@ -76,6 +83,9 @@ def parser(description=None):
                     "0.1 for onpolicy as GKD; 1.0 for varkd, our choice: the paper is silent)")
     kd.add_argument("--beta", type=float, help="generalized JSD beta, 0 forward KL, 1 reverse KL (default: "
                     "0.5 for onpolicy as GKD; 1.0 for varkd, the reverse KL of the paper)")
+    kd.add_argument("--supervise", choices=["all", "sampled"], help="on a rollout, supervise every position, "
+                    "the real prefix included, or only the student-sampled ones (default: all for onpolicy, as "
+                    "GKD scores whole sequences; sampled for varkd, the student contexts it is about)")
     kd.add_argument("--prefix-frac", default="0.25,0.75", help="real prefix length range as fractions of T "
                     "(default: 0.25,0.75)")
     kd.add_argument("--threshold", type=float, default=0.1, help="varkd truncation threshold on alpha "
@@ -93,10 +103,12 @@ def parser(description=None):
     kd.add_argument("--pool-cfg", type=float, default=1.0, help="seqkd: CFG scale of the teacher's samples "
                     "(default: 1.0, the teacher's own distribution)")
     p.add_argument("--max-iters", type=int, help="optimizer steps of this run and of the student runs "
-                   "the pipeline builds first (default: --teacher-iters for the teacher, 400 otherwise)")
+                   "the pipeline builds first (default: --teacher-iters for the teacher, 12000 for ce as the "
+                   "shipped student, 400 otherwise)")
     p.add_argument("--teacher-size", default="teacher", help="preset of the teacher the pipeline trains when "
                    "--teacher is missing (default: teacher)")
-    p.add_argument("--teacher-iters", type=int, default=600, help="its optimizer steps (default: 600)")
+    p.add_argument("--teacher-iters", type=int, default=3000, help="its optimizer steps (default: 3000, the "
+                   "shipped teacher's)")
     p.add_argument("--batch-size", type=int, default=128, help="sequences per step (default: 128)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3 for ce, from scratch; 1e-3 "
                    "for the KD methods, which start from a trained student)")
@@ -140,14 +152,20 @@ def get_args(argv=None, p=None, **stage):
     if args.out is None:
         args.out = (f"{args.out_dir}/teacher.pt" if args.size == "teacher" and args.method == "ce"
                     else f"{args.out_dir}/{args.method}/ckpt.pt")
-    args.tokenizer = args.tokenizer or f"{args.out_dir}/tokenizer.pt"
-    args.teacher = args.teacher or f"{args.out_dir}/teacher.pt"
+    # the shipped parents go with the shipped tokenizer (Fashion-MNIST's default); another tokenizer,
+    # or an image folder, has its parents under the out-dir, built there if missing
+    folder = Path(args.data_dir, "train").is_dir()
+    args.tokenizer = args.tokenizer or (None if folder else f"{WEIGHTS}/tokenizer.pt")
+    shipped = args.tokenizer is not None and Path(args.tokenizer).resolve() == (WEIGHTS / "tokenizer.pt").resolve()
+    args.teacher = args.teacher or (f"{WEIGHTS}/teacher.pt" if shipped else f"{args.out_dir}/teacher.pt")
+    student = f"{WEIGHTS}/student.pt" if shipped else f"{args.out_dir}/ce/ckpt.pt"
+    if args.max_iters is None and args.method == "ce" and (args.out == args.teacher or args.size == args.teacher_size):
+        args.max_iters = args.teacher_iters
     for key, value in DEFAULTS[args.method].items():
         if getattr(args, key) is None:
-            setattr(args, key, value.format(out_dir=args.out_dir) if isinstance(value, str) else value)
+            setattr(args, key, value.format(out_dir=args.out_dir, student=student) if isinstance(value, str) else value)
     if isinstance(args.prefix_frac, str):
         args.prefix_frac = tuple(float(x) for x in args.prefix_frac.split(","))
-    args.max_iters = args.max_iters or (args.teacher_iters if args.out == args.teacher else 400)
     args.shared = {**{k: getattr(args, k) for k in SHARED}, "max_iters": max_iters}
     return args
 
@@ -163,18 +181,20 @@ def stage_args(args, stage):
 
 
 def pipeline(args):
-    """The runs `args` needs, parents first: the teacher, the no-KD student (ce), stage-1 KD from
-    it, then `args`. Parents are built only at their default paths: a --teacher or --init you pass
-    must exist."""
-    runs = []
+    """The runs `args` needs, parents first, then `args`. Parents are built only at the paths of the
+    out-dir: <out-dir>/teacher.pt, <out-dir>/ce/ckpt.pt (the no-KD student), <out-dir>/kd/ckpt.pt
+    (stage-1 KD). By default the teacher and the no-KD student are the shipped ones (weights/), so
+    a stage-2 method builds stage-1 KD alone; any other --teacher or --init must exist."""
+    runs, run = [], args
     if args.method != "ce" and args.teacher == f"{args.out_dir}/teacher.pt":
         runs.append(stage_args(args, "teacher"))
-    chain = {"ce": [], "kd": ["ce"]}.get(args.method, ["ce", "kd"])
-    if chain and args.init == f"{args.out_dir}/{chain[-1]}/ckpt.pt":
-        # a parent that exists is reused or continued from what it was started with: its parents are not needed
-        start = max([i for i, m in enumerate(chain) if Path(f"{args.out_dir}/{m}/ckpt.pt").exists()], default=0)
-        runs += [stage_args(args, m) for m in chain[start:]]
-    return [r for r in runs if r.out != args.out] + [args]
+    parents = []
+    while run.method != "ce" and run.init in (f"{args.out_dir}/ce/ckpt.pt", f"{args.out_dir}/kd/ckpt.pt"):
+        run = stage_args(args, "kd" if run.init.endswith("/kd/ckpt.pt") else "ce")
+        parents.insert(0, run)
+        if Path(run.out).exists():  # reused or continued from what it was started with: its parents are not needed
+            break
+    return [r for r in runs + parents if r.out != args.out] + [args]
 
 
 def rank_world():
@@ -203,16 +223,16 @@ def load_data(args):
     folder = Path(args.data_dir, "train").is_dir()
     if rank > 0 and not folder:
         dist.barrier()  # wait for rank 0 to build what is missing
-    if not Path(args.tokenizer).exists() and folder:
+    if folder and (args.tokenizer is None or not Path(args.tokenizer).exists()):
         raise SystemExit(f"no tokenizer at {args.tokenizer}: an image folder needs a trained one, e.g. "
                          f"--tokenizer vq_ds16_c2i.pt (LlamaGen's VQ-16)")
     if not Path(args.tokenizer).exists():
-        print(f"no tokenizer at {args.tokenizer}: training one (about 2 minutes on 2 CPU cores)")
+        print(f"no tokenizer at {args.tokenizer}: training one (about 11 minutes on 2 CPU cores)")
         tok.build(args.tokenizer, args.data_dir)
     tokenizer = tok.load_tokenizer(args.tokenizer, image_size=args.image_size)
     if folder:
         tokenizer.to(args.device)
-    splits = prepare_tokens(tokenizer, args.data_dir, Path(args.out_dir) / "tokens", rank, world)
+    splits = prepare_tokens(tokenizer, args.data_dir, Path(args.out_dir) / "tokens", rank, world, args.flip)
     if rank == 0 and world > 1 and not folder:
         dist.barrier()
     return tokenizer, splits
@@ -336,7 +356,7 @@ def open_run(args, tokenizer, splits, role=None):
     elif rank == 0:
         stage = "teacher" if role == "teacher" else args.method
         default = args.size == ("teacher" if role == "teacher" else "student") and args.batch_size == 128
-        minutes = MINUTES.get(stage, 0) * args.max_iters / (600 if stage == "teacher" else 400)
+        minutes = MINUTES.get(stage, 0) * args.max_iters / 1000
         about = f", about {minutes:.0f} minutes on 2 CPU cores" if default and minutes else ""
         print(f"no {role} at {args.out}: training one ({what}{about})" if role else f"{what}{about}")
     return run
@@ -352,6 +372,18 @@ def check_ranks_agree(model, world):
     dist.all_gather_object(weights, weights_fingerprint(model))
     if len(set(weights)) > 1:
         raise SystemExit(f"the {world} ranks ended with different weights: a bug, please report it")
+
+
+def export(src, dst):
+    """A finished checkpoint without its optimizer state and RNG (a third of the size): what weights/
+    ships. It still records its config, flags, fingerprints and figures; it cannot be continued."""
+    if Path(dst).exists():
+        raise SystemExit(f"{dst} exists: delete it first to replace it")
+    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    if "metrics" not in ckpt or ckpt["step"] != ckpt["args"]["max_iters"]:
+        raise SystemExit(f"{src} is not a finished run of ours: only finished runs are exported")
+    atomic_write(dst, lambda tmp: torch.save({k: v for k, v in ckpt.items() if k not in ("optimizer", "rng")}, tmp))
+    print(f"{src} -> {dst}: {Path(dst).stat().st_size / 1e6:.2f} MB, test NLL {ckpt['metrics']['test_nll']:.4f}")
 
 
 def save_checkpoint(path, model, optimizer, step, args, fingerprints, metrics):

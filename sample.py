@@ -4,8 +4,9 @@ speculative sampling with a distilled student as the draft (exact, or LANTERN's 
 writes a PNG grid with one row per class. (The mixed rollouts of on-policy KD and VarKD live in
 distill.py, beside the losses they feed.)
 
-    python sample.py --ckpt out/teacher.pt                    # -> out/teacher_samples.png
-    python sample.py --teacher out/teacher.pt --draft out/varkd/ckpt.pt --gamma 4   # speculative
+    python sample.py                                          # the shipped teacher -> out/weights/teacher_samples.png
+    python sample.py --ckpt out/varkd/ckpt.pt                 # -> out/varkd/ckpt_samples.png
+    python sample.py --draft out/varkd/ckpt.pt --gamma 4      # speculative, for the shipped teacher
     python sample.py --ckpt c2i_B_256.pt --preset B --tokenizer vq_ds16_c2i.pt --classes 207,360,387
 """
 import argparse
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import atomic_write, save_grid
+from data import WEIGHTS, atomic_write, beside, save_grid
 from model import PRESETS, load_checkpoint
 from tokenizer import load_tokenizer
 
@@ -257,8 +258,8 @@ def speculative_speed(target, drafts, labels, gamma=4, batch_size=1, seed=0, gro
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", "--teacher", default="out/teacher.pt",
-                   help="GPT checkpoint to sample from (default: out/teacher.pt)")
+    p.add_argument("--ckpt", "--teacher", default=str(WEIGHTS / "teacher.pt"),
+                   help="GPT checkpoint to sample from (default: the shipped teacher, weights/teacher.pt)")
     p.add_argument("--draft", help="a smaller GPT on the same codes, e.g. out/varkd/ckpt.pt: speculative sampling, "
                    "the same images' distribution in fewer calls of --ckpt (default: none)")
     p.add_argument("--draft-preset", choices=list(PRESETS), help="model shape of a LlamaGen --draft")
@@ -270,12 +271,13 @@ def main(argv=None):
     p.add_argument("--groups", type=int, help="codebook groups of --relax-delta (default: |V|/4, as VarKD)")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="model shape, needed only for LlamaGen checkpoints (default: from the checkpoint)")
-    p.add_argument("--tokenizer", default="out/tokenizer.pt",
-                   help="tokenizer checkpoint that decodes the codes (default: out/tokenizer.pt)")
+    p.add_argument("--tokenizer", default=str(WEIGHTS / "tokenizer.pt"),
+                   help="tokenizer checkpoint that decodes the codes (default: the shipped one, weights/tokenizer.pt)")
     p.add_argument("--image-size", type=int, help="the tokenizer's image side, e.g. 384 for LlamaGen's "
                    "c2i_*_384.pt (default: the tokenizer's own)")
     p.add_argument("--out", default=None,
-                   help="PNG to write (default: <ckpt without .pt>_samples.png beside the checkpoint)")
+                   help="PNG to write (default: <ckpt without .pt>_samples.png beside the checkpoint; "
+                   "out/weights/<name>_samples.png for a shipped one)")
     p.add_argument("--classes", default=None, type=lambda s: [int(c) for c in s.split(",")],
                    help="comma-separated class ids, one row each (default: every class)")
     p.add_argument("--per-class", type=int, default=8, help="images per class, one row (default: 8)")
@@ -340,7 +342,7 @@ def main(argv=None):
     images = torch.as_tensor(images).cpu().numpy()
     seconds = time.perf_counter() - start
 
-    out = Path(args.out) if args.out else Path(args.ckpt).with_name(Path(args.ckpt).stem + "_samples.png")
+    out = Path(args.out) if args.out else beside(args.ckpt).with_name(Path(args.ckpt).stem + "_samples.png")
     save_grid(images.reshape(len(classes), args.per_class, *images.shape[1:])[:, :16], out)  # 16 per class at most
     if args.npz:  # every sample, for evaluate.py (ADM's and LlamaGen's layout)
         atomic_write(args.npz, lambda tmp: np.savez(tmp, images, labels.cpu().numpy()))

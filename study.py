@@ -1,13 +1,14 @@
 """The reproduction study: every method, the paper's VarKD ablation and two controls, over seeds.
 
-    python study.py --seeds 0,1,2              # about 1 h 45 min on 2 CPU cores
-    python study.py --seeds 0,1 --study-iters 400
+    python study.py --seeds 0,1,2              # the README's study, on the shipped parents
+    python study.py --seeds 0 --study-iters 200
 
-One tokenizer and one teacher (out/tokenizer.pt, out/teacher.pt) serve every seed. Per seed, under
-out/study/seed<s>/: the no-KD student (ce, --max-iters steps), stage-1 KD from it, then from the KD
-checkpoint --study-iters more steps of each row below (the paper's setting: stage 2 starts from
-stage-1 KD). A killed study is run again with the same command: finished runs are reused, the
-unfinished one continues from its last checkpoint, measured models are not measured again.
+The shipped tokenizer, teacher and no-KD student (weights/) serve every seed (with --tokenizer of
+your own, they are built once under the out-dir). Per seed, under out/study/seed<s>/: stage-1 KD
+from the no-KD student (--kd-iters steps), then from the KD checkpoint --study-iters more steps of
+each row below (the paper's setting: stage 2 starts from stage-1 KD). A killed study is run again
+with the same command: finished runs are reused, the unfinished one continues from its last
+checkpoint, measured models are not measured again.
 
 Writes out/study/results.md and results.json (mean +- std over seeds of every figure, gap closure,
 whether a row beats kd continued by more than the spread, and each student as the draft of
@@ -39,10 +40,14 @@ ROWS = [
     ("onpolicy", "onpolicy", [], "GKD: mixed prefixes, lambda 0.1, JSD 0.5", 4.94),
     ("varkd_rkl", "varkd", ["--no-entropy-weights", "--no-truncation", "--no-groups", "--no-parallel"],
      "mixed rollouts, reverse KL only", None),
+    ("varkd_rkl_all", "varkd", ["--no-entropy-weights", "--no-truncation", "--no-groups", "--no-parallel",
+                                "--supervise", "all"], "the same on the real prefix too", None),
     ("varkd_entropy", "varkd", ["--no-groups", "--no-parallel"], "+ entropy weights, truncation", 4.66),
     ("varkd_groups", "varkd", ["--no-parallel"], "+ codebook relaxation", 4.60),
     ("varkd", "varkd", [], "+ parallel rollouts = VarKD", 4.58),
+    ("varkd_all", "varkd", ["--supervise", "all"], "VarKD on the real prefix too", None),
     ("varkd_lam0.5", "varkd", ["--lam", "0.5"], "VarKD, rollouts on half the steps", None),
+    ("varkd_lam0.1", "varkd", ["--lam", "0.1"], "VarKD, rollouts on a tenth of the steps (GKD's)", None),
 ]
 STAGE1 = [("ce", "no-KD student", 6.51), ("kd", "stage-1 KD", 4.92)]
 FIGURES = [("FID-cls", "FID-cls", 2), ("KID-cls", "KID-cls", 2), ("precision-cls", "prec", 3),
@@ -56,21 +61,24 @@ SPECULATIVE = [("spec_acceptance", "drafts accepted", 3), ("spec_codes_per_call"
 
 
 def study_runs(args, seed):
-    """The runs of one seed, parents first: [(name, run args)]."""
+    """The runs of one seed, parents first: [(name, run args)]. Stage-1 KD starts from the one no-KD
+    student (the shipped one, or <out-dir>/ce/ckpt.pt with another tokenizer) with the seed's data
+    order; every row starts from that seed's stage-1 KD."""
     base = f"{args.out_dir}/study/seed{seed}"
     shared = {**args.shared, "seed": seed, "resume": True}
-    ce = runs.get_args([], **shared, method="ce", out=f"{base}/ce/ckpt.pt")
-    parents = [("ce", ce), ("kd", runs.get_args([], **shared, method="kd", out=f"{base}/kd/ckpt.pt", init=ce.out))]
-    stage2 = {**shared, "max_iters": args.study_iters, "init": parents[1][1].out}
-    return parents + [(name, runs.get_args(["--method", method, *flags], **stage2, out=f"{base}/{name}/ckpt.pt"))
-                      for name, method, flags, _, _ in ROWS]
+    kd = runs.get_args([], **{**shared, "max_iters": args.kd_iters}, method="kd", out=f"{base}/kd/ckpt.pt")
+    stage2 = {**shared, "max_iters": args.study_iters, "init": kd.out}
+    return [("kd", kd)] + [(name, runs.get_args(["--method", method, *flags], **stage2, out=f"{base}/{name}/ckpt.pt"))
+                           for name, method, flags, _, _ in ROWS]
 
 
 def run(args, tokenizer, splits, seeds):
     """Train what is missing, measure what is unmeasured, then write the results."""
     t0, (rank, _) = time.time(), runs.rank_world()
-    if args.teacher == f"{args.out_dir}/teacher.pt":
-        train(runs.stage_args(args, "teacher"), tokenizer, splits, role="teacher")
+    # the parents: the shipped ones, or built once under the out-dir (another tokenizer)
+    student = study_runs(args, seeds[0])[0][1].init
+    for parent in runs.pipeline(runs.get_args([], **args.shared, method="kd", init=student))[:-1]:
+        train(parent, tokenizer, splits, role=runs.ROLES["teacher" if parent.out == args.teacher else parent.method])
     lines = {}  # (name, seed) -> the table line of that model
     for seed in seeds:
         seed_runs = study_runs(args, seed)
@@ -79,10 +87,12 @@ def run(args, tokenizer, splits, seeds):
             train(r, tokenizer, splits)
         if rank > 0:  # rank 0 measures and writes
             continue
-        # sampled with the seed of the runs (the teacher too: its row shows the sampling noise alone)
-        measured = table([args.teacher] + [r.out for _, r in seed_runs], tokenizer, *splits["test"][:2],
+        # sampled with the seed of the runs (the teacher and the no-KD student too: their rows show
+        # the sampling noise alone)
+        measured = table([args.teacher, student] + [r.out for _, r in seed_runs], tokenizer, *splits["test"][:2],
                          argparse.Namespace(**{**vars(args), "seed": seed}))
         lines[("teacher", seed)] = measured[args.teacher]
+        seed_runs = [("ce", argparse.Namespace(out=student))] + seed_runs
         spec = speculative(args, seed_runs, seed)
         lines.update({(name, seed): {**measured[r.out], **spec.get(name, {})} for name, r in seed_runs})
     if rank > 0:
@@ -94,7 +104,7 @@ def run(args, tokenizer, splits, seeds):
     markdown = results_markdown(results)
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(markdown))
     first = study_runs(args, seeds[0])  # the comparison image: the first seed's models
-    compare_image([args.teacher] + [r.out for _, r in first], ["teacher"] + [n for n, _ in first], tokenizer,
+    compare_image([args.teacher, student] + [r.out for _, r in first], ["teacher", "ce"] + [n for n, _ in first], tokenizer,
                   out / "compare.png", args.eval_cfg, args.device)
     print("\n" + markdown + f"\nwrote {out}/results.md, results.json, compare.png")
     return results
@@ -155,8 +165,8 @@ def summarise(lines, seeds, args):
             if r["name"] != "kd_cont":
                 m = r["FID-cls"]
                 r["beats_kd_cont"] = base["mean"] - m["mean"] > max(base["std"], m["std"])
-    return {"command": f"python study.py --seeds {args.seeds} --study-iters {args.study_iters}",
-            "stage1_iters": lines[("ce", seeds[0])]["steps"], "study_iters": args.study_iters,
+    return {"command": f"python study.py --seeds {args.seeds} --kd-iters {args.kd_iters} --study-iters {args.study_iters}",
+            "ce_iters": lines[("ce", seeds[0])]["steps"], "kd_iters": args.kd_iters, "study_iters": args.study_iters,
             "eval_samples": args.eval_samples, "eval_cfg": args.eval_cfg, "rows": rows,
             "wall_time_training": sum(line.get("wall_time", 0.0) for line in lines.values()),
             "wall_time_evaluation": sum(line.get("eval_time", 0.0) for line in lines.values())}
@@ -179,8 +189,9 @@ def results_markdown(results):
         out.append("| " + " | ".join(cells) + " |")
     n = len(results["rows"][0]["seeds"])
     out.append(f"\nMean ± std over {n} seed{'s' * (n > 1)} ({', '.join(map(str, results['rows'][0]['seeds']))}). "
-               f"Stage 1: {results['stage1_iters']} steps each of ce and kd (kd from ce); every other student "
-               f"starts from kd and trains {results['study_iters']} more steps. The -cls figures: "
+               f"The no-KD student (ce, one for every seed): {results['ce_iters']} steps; stage 1: {results['kd_iters']} "
+               f"steps of kd from it; every other student starts from kd and trains {results['study_iters']} more "
+               f"steps. The -cls figures: "
                f"{results['eval_samples']} samples at CFG {results['eval_cfg']} against the test split (the teacher "
                f"is sampled once per seed); NLL and KL(teacher || model) in nats per code on the test split; teacher "
                f"seqs: sequences the teacher scored or sampled, in thousands (a CFG sample counts twice); gap closed "
@@ -226,8 +237,9 @@ def compare_image(paths, names, tokenizer, path, cfg_scale, device, per_class=2,
 def main(argv=None):
     p = runs.parser(__doc__)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one set of runs each (default: 0,1,2)")
-    p.add_argument("--study-iters", type=int, default=200, help="stage-2 steps of every row from the stage-1 KD "
-                   "checkpoint (default: 200)")
+    p.add_argument("--kd-iters", type=int, default=400, help="stage-1 KD steps from the no-KD student (default: 400)")
+    p.add_argument("--study-iters", type=int, default=400, help="stage-2 steps of every row from the stage-1 KD "
+                   "checkpoint (default: 400)")
     args = runs.get_args(argv, p)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
+import classifier
 import data
 import distill
 import evaluate
@@ -237,6 +239,57 @@ def test_token_cache_is_built_once_then_reused_and_refuses_another_tokenizer(tmp
         data.token_cache(tmp_path / "train", images, labels, encode, "tokB")
     with pytest.raises(SystemExit, match="built from other images"):
         data.token_cache(tmp_path / "train", images[::-1].copy(), labels, encode, "tokA")
+
+
+def test_the_training_cache_holds_each_image_and_its_mirror_image_and_the_test_cache_neither(tmp_path, monkeypatch):
+    images = np.random.default_rng(0).integers(0, 256, (20, 28, 28, 1), dtype=np.uint8)
+    monkeypatch.setattr(data, "load_fashion_mnist", lambda split, data_dir: (images[:12 if split == "train" else 8],
+                                                                             np.arange(12 if split == "train" else 8) % 10))
+    fake = types.SimpleNamespace(fingerprint="tokA", encode=lambda x: torch.from_numpy(x[:, ::4, ::4, 0].astype(np.int64)))
+    splits = data.prepare_tokens(fake, tmp_path / "none", tmp_path / "tokens", flip=True)
+    codes, labels, _ = splits["train"]
+    assert codes.shape == (24, 49) and labels.tolist() == np.repeat(np.arange(12) % 10, 2).tolist()
+    assert torch.equal(codes[2 * 5], torch.from_numpy(images[5, ::4, ::4, 0].astype(np.int64)).flatten())
+    assert torch.equal(codes[2 * 5 + 1], torch.from_numpy(images[5, :, ::-1][::4, ::4, 0].astype(np.int64)).flatten())
+    assert splits["test"][0].shape == (8, 49)
+    plain = data.prepare_tokens(fake, tmp_path / "none", tmp_path / "tokens")["train"]
+    assert plain[0].shape == (12, 49) and plain[2] != splits["train"][2]  # another cache, another fingerprint
+
+
+# ------------------------------------------------------------------------------------ the shipped weights
+
+
+def test_the_shipped_files_load_and_reproduce_their_recorded_figures(tmp_path):
+    """The token cache of the shipped tokenizer gives the recorded test NLL of the shipped teacher and
+    student, and the shipped classifier its recorded test accuracy."""
+    tokenizer = tok.load_tokenizer(data.WEIGHTS / "tokenizer.pt")
+    codes, labels, _ = data.prepare_tokens(tokenizer, "data", tmp_path / "tokens")["test"]
+    for name in ("teacher", "student"):
+        ckpt = torch.load(data.WEIGHTS / f"{name}.pt", weights_only=True)
+        assert ckpt["fingerprints"]["tokenizer"] == tokenizer.fingerprint and ckpt["step"] == ckpt["args"]["max_iters"]
+        model = load_checkpoint(data.WEIGHTS / f"{name}.pt")
+        assert ckpt["fingerprint"] == distill.runs.weights_fingerprint(model)
+        nll = evaluate.held_out(model, codes.long(), labels)["test_nll"]
+        assert abs(nll - ckpt["metrics"]["test_nll"]) < 1e-3, (name, nll, ckpt["metrics"]["test_nll"])
+    cnn = classifier.load_classifier("data")
+    images, test_labels = data.load_fashion_mnist("test")
+    _, logits = evaluate.extract(cnn, images)
+    recorded = torch.load(classifier.CLASSIFIER, weights_only=True)["test_accuracy"]
+    assert abs((logits.argmax(1) == test_labels).mean() - recorded) < 1e-3
+
+
+def test_the_shipped_parents_are_the_defaults_and_another_tokenizer_builds_its_own():
+    args = distill.runs.get_args(["--method", "varkd"])
+    assert Path(args.tokenizer) == data.WEIGHTS / "tokenizer.pt" and Path(args.teacher) == data.WEIGHTS / "teacher.pt"
+    chain = distill.runs.pipeline(args)
+    assert [(r.method, r.out) for r in chain] == [("kd", "out/kd/ckpt.pt"), ("varkd", "out/varkd/ckpt.pt")]
+    assert Path(chain[0].init) == data.WEIGHTS / "student.pt" and chain[0].max_iters == 400
+    own = distill.runs.pipeline(distill.runs.get_args(["--method", "varkd", "--tokenizer", "elsewhere/tok.pt"]))
+    assert [(r.method, r.out, r.init) for r in own] == [("ce", "out/teacher.pt", "none"), ("ce", "out/ce/ckpt.pt", "none"),
+                                                       ("kd", "out/kd/ckpt.pt", "out/ce/ckpt.pt"),
+                                                       ("varkd", "out/varkd/ckpt.pt", "out/kd/ckpt.pt")]
+    assert [r.max_iters for r in own] == [3000, 12000, 400, 400]
+    assert own[0].size == "teacher" and own[1].size == "student"
 
 
 # ------------------------------------------------------------------------------------ tokenizer
@@ -633,7 +686,7 @@ def trained_setup(tmp_path_factory, small_tokenizer):
 
 
 def run_distill(out, *extra):
-    return distill.main(["--out-dir", str(out), "--size", "tiny", "--batch-size", "16",
+    return distill.main(["--out-dir", str(out), "--tokenizer", str(out / "tokenizer.pt"), "--size", "tiny", "--batch-size", "16",
                          "--eval-interval", "1000", "--eval-seqs", "50", "--eval-samples", "0", *extra])
 
 
@@ -645,7 +698,7 @@ def test_training_lowers_the_held_out_nll(trained_setup):
 
 
 def distill_cmd(out, *extra):
-    return [sys.executable, "distill.py", "--out-dir", str(out), "--size", "tiny", "--batch-size", "16",
+    return [sys.executable, "distill.py", "--out-dir", str(out), "--tokenizer", str(out / "tokenizer.pt"), "--size", "tiny", "--batch-size", "16",
             "--eval-interval", "1000", "--eval-seqs", "50", "--eval-samples", "0", *extra]
 
 
@@ -749,6 +802,16 @@ def test_gkd_beta_0_is_forward_kl_beta_1_reverse_kl_and_half_the_jsd():
     js = 0.5 * (p * (p / m).log()).sum(-1) + 0.5 * (q * (q / m).log()).sum(-1)
     assert torch.allclose(distill.gkd_loss(s, t, 0.5), js.mean(), atol=1e-6)
     assert distill.gkd_loss(s, t, 0.5) < np.log(2)  # the JSD is bounded by log 2
+
+
+def test_gkd_on_a_mask_averages_the_masked_positions_only_and_each_method_has_its_default():
+    s, t = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    per = distill.jsd(torch.log_softmax(s, -1), torch.log_softmax(t, -1), 0.5)
+    assert torch.allclose(distill.gkd_loss(s, t, 0.5, mask), per[mask].mean())
+    assert torch.allclose(distill.gkd_loss(s, t, 0.5), per.mean()) and not torch.allclose(per[mask].mean(), per.mean())
+    assert [distill.runs.get_args(["--method", m]).supervise for m in ("onpolicy", "varkd")] == ["all", "sampled"]
+    assert distill.runs.get_args(["--method", "onpolicy", "--supervise", "sampled"]).supervise == "sampled"
 
 
 def test_kd_of_identical_logits_is_zero_and_scales_with_tau_squared():
@@ -907,11 +970,11 @@ def test_parents_from_another_tokenizer_or_size_are_refused(trained_setup, tiny_
 
 
 @pytest.mark.slow
-def test_the_pipeline_builds_every_artifact_once_then_reuses_them(small_tokenizer, quick_classifier, tmp_path,
-                                                                 capsys):
-    tok.save_tokenizer(small_tokenizer, tmp_path / "tokenizer.pt")  # training these two takes minutes
-    (tmp_path / "classifier.pt").write_bytes(quick_classifier.read_bytes())
-    argv = ["--method", "varkd", "--out-dir", str(tmp_path), "--size", "tiny", "--teacher-size", "tiny",
+def test_with_its_own_tokenizer_the_pipeline_builds_every_parent_once_then_reuses_them(small_tokenizer, tmp_path,
+                                                                                       capsys):
+    tok.save_tokenizer(small_tokenizer, tmp_path / "tokenizer.pt")  # training it takes minutes
+    argv = ["--method", "varkd", "--out-dir", str(tmp_path), "--tokenizer", str(tmp_path / "tokenizer.pt"),
+            "--size", "tiny", "--teacher-size", "tiny",
             "--teacher-iters", "20", "--max-iters", "4", "--batch-size", "16", "--eval-seqs", "50",
             "--eval-samples", "200"]
     distill.main(argv)
@@ -939,19 +1002,18 @@ def test_the_pipeline_builds_every_artifact_once_then_reuses_them(small_tokenize
 
 
 @pytest.mark.slow
-def test_the_study_writes_its_results_and_resumes_without_redoing_finished_runs(small_tokenizer, quick_classifier,
-                                                                                tmp_path, capsys):
+def test_the_study_writes_its_results_and_resumes_without_redoing_finished_runs(small_tokenizer, tmp_path, capsys):
     tok.save_tokenizer(small_tokenizer, tmp_path / "tokenizer.pt")
-    (tmp_path / "classifier.pt").write_bytes(quick_classifier.read_bytes())
-    argv = ["--seeds", "0,1", "--out-dir", str(tmp_path), "--size", "tiny", "--teacher-size", "tiny",
-            "--teacher-iters", "10", "--max-iters", "3", "--study-iters", "2", "--batch-size", "16",
+    argv = ["--seeds", "0,1", "--out-dir", str(tmp_path), "--tokenizer", str(tmp_path / "tokenizer.pt"),
+            "--size", "tiny", "--teacher-size", "tiny", "--teacher-iters", "10", "--max-iters", "3",
+            "--kd-iters", "3", "--study-iters", "2", "--batch-size", "16",
             "--eval-seqs", "50", "--eval-samples", "100"]
     results = study.main(argv)
-    runs = ["ce", "kd"] + [name for name, *_ in study.ROWS]
+    runs = ["kd"] + [name for name, *_ in study.ROWS]  # per seed, from the one no-KD student out/ce/
     ckpts = [tmp_path / "study" / f"seed{s}" / name / "ckpt.pt" for s in (0, 1) for name in runs]
-    assert all(p.exists() for p in ckpts)
+    assert all(p.exists() for p in ckpts) and (tmp_path / "ce" / "ckpt.pt").exists()
     saved = json.loads((tmp_path / "study" / "results.json").read_text())
-    assert saved["rows"] == results["rows"] and [r["name"] for r in saved["rows"]] == ["teacher"] + runs
+    assert saved["rows"] == results["rows"] and [r["name"] for r in saved["rows"]] == ["teacher", "ce"] + runs
     rows = {r["name"]: r for r in saved["rows"]}
     for row in saved["rows"]:
         for key, *_ in study.FIGURES:
@@ -971,10 +1033,10 @@ def test_the_study_writes_its_results_and_resumes_without_redoing_finished_runs(
     assert "beats_kd_cont" in rows["varkd"] and "beats_kd_cont" not in rows["ce"]
     table = (tmp_path / "study" / "results.md").read_text().splitlines()
     # header, teacher, rows; then the drafts' header and rows
-    assert len([line for line in table if line.startswith("| ")]) == (1 + 1 + len(runs)) + (1 + len(study.DRAFTS))
+    assert len([line for line in table if line.startswith("| ")]) == (1 + 2 + len(runs)) + (1 + len(study.DRAFTS))
     assert "| varkd (+ parallel rollouts = VarKD) | 2 | 4.58 |" in "\n".join(table)
     with Image.open(tmp_path / "study" / "compare.png") as im:
-        assert im.height > (1 + len(runs)) * 28 * 2  # a row of samples per model, twice the size
+        assert im.height > (2 + len(runs)) * 28 * 2  # a row of samples per model, twice the size
     # a study killed during seed 1's varkd: run again, only that run is trained and measured
     lost = tmp_path / "study" / "seed1" / "varkd" / "ckpt.pt"
     before = torch.load(lost, weights_only=True)["fingerprint"]
@@ -983,7 +1045,7 @@ def test_the_study_writes_its_results_and_resumes_without_redoing_finished_runs(
     capsys.readouterr()
     again = study.main(argv)
     out = capsys.readouterr().out
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and out.count("reusing it") == 2 * len(runs)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and out.count("reusing it") == 2 + 2 * len(runs) - 1  # the teacher and ce, then all but the lost run
     assert out.count("speculative sampling, 10 images one at a time: varkd drafting") == 1
     assert out.count("speculative sampling") == 1
     assert torch.load(lost, weights_only=True)["fingerprint"] == before  # the same weights: runs are reproducible
@@ -1059,28 +1121,22 @@ def test_inception_score_lies_between_one_and_the_number_of_classes():
 
 
 @pytest.fixture(scope="module")
-def quick_classifier(tmp_path_factory):
-    """A classifier trained briefly on part of the training split, saved as load_classifier expects
-    (the default one takes a minute; its accuracy is in the README)."""
-    path = tmp_path_factory.mktemp("classifier") / "classifier.pt"
+def eval_dir(tmp_path_factory):
+    """An out-dir for reference features, and the shipped classifier's recorded test accuracy."""
+    return tmp_path_factory.mktemp("eval"), torch.load(classifier.CLASSIFIER, weights_only=True)["test_accuracy"]
+
+
+def test_the_classifier_learns_the_classes_and_is_never_replaced(tmp_path):
     images, labels = data.load_fashion_mnist("train")
     test_images, test_labels = data.load_fashion_mnist("test")
-    model, acc = evaluate.train_classifier(images[:12000], labels[:12000], test_images[:2000], test_labels[:2000],
-                                           epochs=1)
-    torch.save({"model": model.state_dict(), "in_channels": 1, "num_classes": 10, "image_size": 28,
-                "data": data.fingerprint(images, labels), "test_accuracy": acc}, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def eval_dir(tmp_path_factory, quick_classifier):
-    out = tmp_path_factory.mktemp("eval")
-    (out / "classifier.pt").write_bytes(quick_classifier.read_bytes())
-    return out, torch.load(quick_classifier, weights_only=True)["test_accuracy"]
-
-
-def test_the_classifier_learns_the_classes(eval_dir):
-    assert eval_dir[1] > 0.8  # one epoch on a fifth of the data; the default run reaches 0.9+
+    _, acc = classifier.train_classifier(images[:12000], labels[:12000], test_images[:2000], test_labels[:2000], epochs=1)
+    assert acc > 0.8  # one epoch on a fifth of the data; the shipped one is in the README
+    (tmp_path / "classifier.pt").write_bytes(b"precious")
+    with pytest.raises(SystemExit, match="classifier.pt exists: FID-cls figures are tied to it"):
+        classifier.build(tmp_path / "classifier.pt")
+    assert (tmp_path / "classifier.pt").read_bytes() == b"precious"
+    with pytest.raises(SystemExit, match="no classifier at .*nowhere.pt: FID-cls is measured with the shipped one"):
+        classifier.load_classifier("data", tmp_path / "nowhere.pt")
 
 
 def test_real_test_images_score_like_the_reference_and_noise_does_not(eval_dir, tmp_path):
@@ -1146,7 +1202,7 @@ def test_inception_loads_saved_weights_and_gives_features_and_logits_for_grey_im
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert torch.equal(model.fc.weight, torch.load(tmp_path / "w.pth", weights_only=True)["fc.weight"])
     grey = np.random.default_rng(0).integers(0, 256, (2, 28, 28, 1), dtype=np.uint8)
-    x = evaluate.as_input(grey, channels=3)
+    x = classifier.as_input(grey, channels=3)
     assert x.shape == (2, 3, 28, 28) and torch.equal(x[:, 0], x[:, 2])
     with torch.no_grad():
         features, logits = model(x, logits=True)

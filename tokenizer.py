@@ -2,12 +2,13 @@
 
 One architecture in LlamaGen's layout (VQGAN-style encoder/decoder of ResNet blocks, GroupNorm and
 attention at the lowest resolution; an L2-normalised codebook), two sizes:
-  - "fmnist": the embedded default, 28x28 grey -> 7x7 codes from a 256-entry codebook, trained here
-    in about 2.5 minutes on 2 CPU cores (MSE + commitment only: at 28 px no GAN is needed);
+  - "fmnist": the embedded default, 28x28 grey -> 7x7 codes from a 256-entry codebook, shipped as
+    weights/tokenizer.pt (12000 steps, about 11 minutes on 2 CPU cores; MSE + commitment only: at
+    28 px no GAN is needed);
   - "VQ-16": LlamaGen's vq_ds16_c2i.pt (256x256 RGB -> 16x16 codes, 16384 x 8 codebook), loaded
     from its checkpoint with strict key checks.
 
-    python tokenizer.py                  # trains out/tokenizer.pt, writes out/tokenizer_recon.png
+    python tokenizer.py                  # trains out/tokenizer.pt as the shipped one, writes out/tokenizer_recon.png
     python tokenizer.py --steps 200      # a quick one
 
 Codes are the AR models' vocabulary: `encode(images) -> codes (B, h, w)`, `decode(codes) -> images`
@@ -340,7 +341,7 @@ def train(model, images, steps, batch_size=128, lr=2e-3, seed=0, reseed_every=10
     return model.eval()
 
 
-def build(path, data_dir="data", steps=1200, batch_size=128, lr=2e-3, codebook_size=256, seed=0):
+def build(path, data_dir="data", steps=12000, batch_size=128, lr=2e-3, codebook_size=256, seed=0):
     """Trains the default tokenizer on Fashion-MNIST, saves it to `path` with its test figures and
     writes <path>_recon.png (originals above reconstructions)."""
     torch.manual_seed(seed)
@@ -374,8 +375,8 @@ def main():
     p.add_argument("--data-dir", default="data", help="Fashion-MNIST folder (default: data, then the "
                    "Debian package's, then download)")
     p.add_argument("--out", default="out/tokenizer.pt", help="checkpoint path (default: out/tokenizer.pt)")
-    p.add_argument("--steps", type=int, default=1200, help="training steps (default: 1200, ~2.5 min "
-                   "on 2 CPU cores)")
+    p.add_argument("--steps", type=int, default=12000, help="training steps (default: 12000, the shipped "
+                   "tokenizer's, ~11 min on 2 CPU cores)")
     p.add_argument("--batch-size", type=int, default=128, help="images per step (default: 128)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate (default: 2e-3)")
     p.add_argument("--codebook-size", type=int, default=256, help="number of codes (default: 256)")
