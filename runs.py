@@ -41,8 +41,8 @@ SHARED = ("out_dir", "data_dir", "flip", "image_size", "tokenizer", "teacher", "
           "ckpt_interval")
 # what a run's weights depend on besides its inputs: a checkpoint is reused or continued only with the same
 RECIPE = ("method", "size", "max_iters", "batch_size", "lr", "min_lr_frac", "warmup", "schedule", "weight_decay",
-          "grad_clip", "seed", "tau", "ce_weight", "lam", "beta", "supervise", "prefix_frac", "threshold", "no_entropy_weights",
-          "no_truncation", "no_groups", "groups", "no_parallel", "window", "pool_size", "pool_refresh", "pool_cfg")
+          "grad_clip", "seed", "tau", "ce_weight", "lam", "beta", "supervise", "prefix_frac", "threshold",
+          "no_entropy_weights", "no_truncation", "no_groups", "groups", "no_parallel", "window", "pool_size", "pool_refresh", "pool_cfg")
 ROLES = {"teacher": "teacher", "ce": "no-KD student", "kd": "stage-1 KD student"}
 # minutes per 1000 steps at the default sizes on 2 CPU cores (RESULTS.md), for the messages
 MINUTES = {"teacher": 13, "ce": 2.3, "kd": 5, "seqkd": 8, "onpolicy": 5, "varkd": 6}
