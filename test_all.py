@@ -28,6 +28,7 @@ from PIL import Image
 
 import classifier
 import data
+import diagnose
 import distill
 import evaluate
 import inception
@@ -60,7 +61,7 @@ def project_imports():
     return graph
 
 
-def test_imports_point_one_way_and_only_study_bench_and_tests_import_distill():
+def test_imports_point_one_way_and_only_the_tools_and_tests_import_distill():
     graph = project_imports()
     order, seen = [], set()
 
@@ -73,7 +74,7 @@ def test_imports_point_one_way_and_only_study_bench_and_tests_import_distill():
             order.append(name)
     for name in sorted(graph):
         visit(name, [])
-    assert {n for n, deps in graph.items() if "distill" in deps} <= {"study", "bench", "test_all"}
+    assert {n for n, deps in graph.items() if "distill" in deps} <= {"study", "bench", "diagnose", "test_all"}
     assert graph["runs"] <= {"data", "model", "tokenizer"} and not graph["data"] and not graph["model"]
 
 
@@ -915,12 +916,76 @@ def test_zipar_schedule_covers_every_code_once_and_waits_for_the_row_above():
     assert len(steps) < 49 - 10  # fewer decoding steps than codes
 
 
+def diagnosed(teacher, student, groups, threshold=0.1):
+    codes, labels = random_batch(teacher, B=40)
+    return diagnose.diagnose(teacher, student, codes, labels, groups, threshold=threshold, seed=0, batch_size=16)
+
+
+def test_diagnosis_figures_are_in_range_and_agree_where_the_context_is_still_real():
+    teacher, student = tiny_model(0, grid_size=4), tiny_model(3, grid_size=4)  # T = 16, V = 64
+    d = diagnosed(teacher, student, torch.arange(64) // 4)
+    assert sum(d["positions"]) == sum(d["distances"]) > 0 and d["positions"][:4] == [0.0] * 4  # prefix >= 4 codes
+    for context in ("data", "student"):
+        for key in ("by_position", "by_distance"):
+            v = {q: np.array(x, dtype=float) for q, x in d[context][key].items()}
+            alpha = v["alpha"][~np.isnan(v["alpha"])]
+            assert alpha.size and alpha.min() >= 0 and alpha.max() <= 1
+            assert np.nanmin(v["ambiguity"]) >= 0 and np.nanmax(v["ambiguity"]) > 0.01
+            assert np.nanmin(v["kl_ts"]) >= -1e-6 and np.nanmin(v["kl_st"]) >= -1e-6 and np.nanmax(v["kl_ts"]) > 0.01
+        assert 0 <= d[context]["cut_share"] <= 1 and 0 < d[context]["kept_share"] <= 1
+    # the first sampled position is predicted from an all-real context in both: the same figures
+    for q in ("alpha", "kl_ts", "nll_real"):
+        assert d["data"]["by_distance"][q][0] == pytest.approx(d["student"]["by_distance"][q][0], abs=1e-5)
+    assert d["student"]["by_distance"]["nll_real"][3] != pytest.approx(d["data"]["by_distance"]["nll_real"][3], abs=1e-3)
+
+
+def test_diagnosis_of_a_model_against_itself_has_zero_kl_and_one_group_per_code_no_ambiguity():
+    teacher = tiny_model(0, grid_size=4)
+    d = diagnosed(teacher, teacher, torch.arange(64))
+    for context in ("data", "student"):
+        for q in ("kl_ts", "kl_st", "ambiguity"):
+            assert np.nanmax(np.abs(np.array(d[context]["by_position"][q], dtype=float))) < 1e-5
+
+
+def test_diagnosis_truncates_every_sequence_at_its_first_sampled_code_when_no_alpha_passes():
+    teacher, student = tiny_model(0, grid_size=4), tiny_model(3, grid_size=4)
+    d = diagnosed(teacher, student, torch.arange(64) // 4, threshold=1.01)
+    sampled = sum(d["positions"])
+    for context in ("data", "student"):
+        assert d[context]["cut_share"] == 1 and d[context]["cut_distance_median"] == 0
+        assert d[context]["kept_share"] == pytest.approx(40 / sampled)  # one kept position per sequence
+
+
+def test_diagnosis_heat_map_shows_every_quantity_over_the_grid(tmp_path):
+    teacher, student = tiny_model(0, grid_size=4), tiny_model(3, grid_size=4)
+    d = diagnosed(teacher, student, torch.arange(64) // 4)
+    diagnose.heat_maps(d, 4, tmp_path / "d.png", scale=10)
+    image = np.asarray(Image.open(tmp_path / "d.png"))
+    assert image.shape[2] == 3 and image.shape[0] > 5 * 40  # five rows of 40-px maps
+    text = diagnose.report(d, 4, {"teacher_path": "t.pt", "student_path": "s.pt", "command": "python diagnose.py"})
+    assert "| codes after the prefix |" in text and "| grid row |" in text and "t.pt teaching s.pt" in text
+
+
 @pytest.fixture(scope="module")
 def tiny_teacher(trained_setup):
     """A tiny teacher trained 40 steps with ce, in the shared out-dir."""
     path = trained_setup / "teacher_tiny.pt"
     run_distill(trained_setup, "--max-iters", "40", "--lr", "3e-3", "--warmup", "5", "--out", str(path))
     return path
+
+
+@pytest.mark.slow
+def test_diagnose_cli_writes_its_tables_json_and_heat_maps(trained_setup, tiny_teacher, tmp_path):
+    student = tmp_path / "student.pt"
+    save_tiny(student, tiny_model(1, vocab_size=256, num_classes=10, grid_size=7))
+    d = diagnose.main(["--out-dir", str(trained_setup), "--tokenizer", str(trained_setup / "tokenizer.pt"), "--teacher",
+                       str(tiny_teacher), "--student", str(student), "--num-seqs", "20", "--name", "diag"])
+    assert d["num_seqs"] == 20 and d["seq_len"] == 49
+    saved = json.loads((trained_setup / "diag.json").read_text())["student"]["by_distance"]
+    for q, values in d["student"]["by_distance"].items():  # NaN where no sequence reaches that distance
+        np.testing.assert_allclose(np.array(saved[q], dtype=float), np.array(values, dtype=float))
+    assert f"{tiny_teacher} teaching {student}" in (trained_setup / "diag.md").read_text()
+    assert Image.open(trained_setup / "diag.png").size[0] > 3 * 7 * 16
 
 
 @pytest.mark.slow
