@@ -154,8 +154,10 @@ def mixed_rollout(student, codes, labels, prefix_frac=(0.25, 0.75), generator=No
     grid = student.config.grid_size
     steps = zipar_schedule(grid, lo, window) if window else [[p] for p in range(lo, T)]
     # the prefix every example shares goes in at once; the rest of each example's prefix is
-    # teacher-forced below. after[q]: logits (B, V) computed on code q, which predict code q + 1.
-    after = {lo - 1: student.prefill(labels, codes[:, :lo])[:, -1]}
+    # teacher-forced below. after[q]: logits (B, V) computed on code q, which predict code q + 1
+    # (all of the shared prefix's: a row's stand-in below may lie inside it, as at 14x14 codes)
+    prefix_logits = student.prefill(labels, codes[:, :lo])  # (B, lo + 1, V)
+    after = {q: prefix_logits[:, q + 1] for q in range(-1, lo)}
     for positions in steps:
         # a row started ahead of the end of the row above (ZipAR) lacks code p - 1: the newest
         # code of the row above, `window` codes in, stands in for it

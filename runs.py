@@ -36,7 +36,7 @@ DEFAULTS = {
     "varkd": dict(max_iters=400, init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=1.0, beta=1.0, supervise="sampled"),
 }
 # flags every run of one pipeline shares: the parents built for a run get them too
-SHARED = ("out_dir", "data_dir", "flip", "image_size", "tokenizer", "teacher", "teacher_preset", "teacher_size",
+SHARED = ("out_dir", "data_dir", "grid", "flip", "image_size", "tokenizer", "teacher", "teacher_preset", "teacher_size",
           "teacher_iters", "size", "batch_size", "seed", "device", "compile", "eval_interval", "eval_seqs",
           "ckpt_interval")
 # what a run's weights depend on besides its inputs: a checkpoint is reused or continued only with the same
@@ -62,6 +62,9 @@ def parser(description=None):
     p.add_argument("--data-dir", default="data", help="Fashion-MNIST folder (default: data, then the "
                    "Debian package's, then download); a folder with train/ (and val/) of one subfolder per "
                    "class, e.g. ImageNet, is encoded once to the token cache, over all ranks")
+    p.add_argument("--grid", type=int, default=7, choices=sorted(tok.GRIDS), help="Fashion-MNIST: codes per image "
+                   "side, 7 (49 codes: the shipped parents) or 14 (196 codes, the long horizon: its tokenizer and "
+                   "parents live under <out-dir>/grid14/, built there if missing) (default: 7)")
     p.add_argument("--flip", action="store_true", help="Fashion-MNIST: train on the mirror images too, as "
                    "LlamaGen extracts ImageNet (default: off; measured worse here: footwear faces one way)")
     p.add_argument("--image-size", type=int, help="side of the images the tokenizer encodes, e.g. 384 for "
@@ -149,13 +152,16 @@ def get_args(argv=None, p=None, **stage):
         if size not in PRESETS:
             p.error(f"unknown size {size!r}: choose one of {', '.join(PRESETS)}")
     max_iters = args.max_iters  # shared only when given: each stage has its own default
+    if args.grid != 7 and Path(args.out_dir).name != f"grid{args.grid}":  # another grid: a tree of its own
+        args.out_dir = f"{args.out_dir}/grid{args.grid}"
     if args.out is None:
         args.out = (f"{args.out_dir}/teacher.pt" if args.size == "teacher" and args.method == "ce"
                     else f"{args.out_dir}/{args.method}/ckpt.pt")
     # the shipped parents go with the shipped tokenizer (Fashion-MNIST's default); another tokenizer,
     # or an image folder, has its parents under the out-dir, built there if missing
     folder = Path(args.data_dir, "train").is_dir()
-    args.tokenizer = args.tokenizer or (None if folder else f"{WEIGHTS}/tokenizer.pt")
+    args.tokenizer = args.tokenizer or (None if folder else f"{WEIGHTS}/tokenizer.pt" if args.grid == 7
+                                        else f"{args.out_dir}/tokenizer.pt")
     shipped = args.tokenizer is not None and Path(args.tokenizer).resolve() == (WEIGHTS / "tokenizer.pt").resolve()
     args.teacher = args.teacher or (f"{WEIGHTS}/teacher.pt" if shipped else f"{args.out_dir}/teacher.pt")
     student = f"{WEIGHTS}/student.pt" if shipped else f"{args.out_dir}/ce/ckpt.pt"
@@ -228,8 +234,12 @@ def load_data(args):
                          f"--tokenizer vq_ds16_c2i.pt (LlamaGen's VQ-16)")
     if not Path(args.tokenizer).exists():
         print(f"no tokenizer at {args.tokenizer}: training one (about 11 minutes on 2 CPU cores)")
-        tok.build(args.tokenizer, args.data_dir)
+        tok.build(args.tokenizer, args.data_dir, grid=args.grid)
     tokenizer = tok.load_tokenizer(args.tokenizer, image_size=args.image_size)
+    if not folder and tokenizer.cfg.grid_size != args.grid:
+        raise SystemExit(f"the tokenizer {args.tokenizer} encodes {tokenizer.cfg.grid_size}x{tokenizer.cfg.grid_size} "
+                         f"codes, not the --grid {args.grid} asked: pass --grid {tokenizer.cfg.grid_size}, or a "
+                         f"tokenizer built with `python tokenizer.py --grid {args.grid}`")
     if folder:
         tokenizer.to(args.device)
     splits = prepare_tokens(tokenizer, args.data_dir, Path(args.out_dir) / "tokens", rank, world, args.flip)

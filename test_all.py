@@ -294,6 +294,10 @@ def test_the_shipped_parents_are_the_defaults_and_another_tokenizer_builds_its_o
                                                        ("varkd", "out/varkd/ckpt.pt", "out/kd/ckpt.pt")]
     assert [r.max_iters for r in own] == [3000, 12000, 400, 400]
     assert own[0].size == "teacher" and own[1].size == "student"
+    long = distill.runs.pipeline(distill.runs.get_args(["--method", "kd", "--grid", "14", "--out-dir", "o"]))
+    assert [(r.method, r.out, r.tokenizer, r.grid) for r in long] == [
+        ("ce", "o/grid14/teacher.pt", "o/grid14/tokenizer.pt", 14), ("ce", "o/grid14/ce/ckpt.pt", "o/grid14/tokenizer.pt", 14),
+        ("kd", "o/grid14/kd/ckpt.pt", "o/grid14/tokenizer.pt", 14)]  # its own tree, the parents' runs included
 
 
 # ------------------------------------------------------------------------------------ tokenizer
@@ -330,6 +334,28 @@ def test_tokenizer_round_trip_reconstructs_and_re_encodes_to_the_same_codes(smal
     assert err < 0.6 * blank  # far better than predicting the mean image
     same = (small_tokenizer.encode(recon) == codes).float().mean().item()
     assert same > 0.4  # chance is 1/256; a 60-step tokenizer re-encodes about half the codes
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer14():
+    """The --grid 14 architecture (one downsampling fewer) after 60 steps on real Fashion-MNIST."""
+    images, _ = data.load_fashion_mnist("train")
+    torch.manual_seed(0)
+    model = tok.VQModel(tok.VQConfig(**tok.PRESETS[tok.GRIDS[14]]))
+    tok.train(model, images[:5000], steps=60, batch_size=64, reseed_every=20)
+    model.fingerprint = tok.weights_fingerprint(model)
+    return model
+
+
+def test_a_14x14_tokenizer_round_trips_a_batch(small_tokenizer14):
+    x = data.load_fashion_mnist("test")[0][:200]
+    codes = small_tokenizer14.encode(x)
+    assert codes.shape == (200, 14, 14) and small_tokenizer14.cfg.grid_size == 14
+    recon = small_tokenizer14.decode(codes)
+    assert recon.shape == (200, 28, 28, 1) and recon.dtype == torch.uint8
+    err = (recon.float() - torch.as_tensor(x).float()).abs().mean().item()
+    assert err < 0.6 * (torch.as_tensor(x).float() - float(x.mean())).abs().mean().item()
+    assert (small_tokenizer14.encode(recon) == codes).float().mean().item() > 0.15  # chance: 1/256
 
 
 def test_tokenizer_refuses_images_of_the_wrong_size(small_tokenizer):
@@ -872,9 +898,9 @@ def test_entropy_weights_are_one_minus_normalised_entropy_and_truncate_after_fir
     assert torch.allclose(distill.entropy_weights(half[None, None], None), torch.tensor([[0.5]]), atol=1e-5)
 
 
-@pytest.mark.parametrize("window", [0, 4])
-def test_mixed_rollout_keeps_the_prefix_and_samples_only_the_suffix(window):
-    model = tiny_model(grid_size=5)  # T = 25
+@pytest.mark.parametrize("grid, window", [(5, 0), (5, 4), (14, 4)])  # at 14, rows' stand-ins lie inside the prefix
+def test_mixed_rollout_keeps_the_prefix_and_samples_only_the_suffix(grid, window):
+    model = tiny_model(grid_size=grid)
     codes, labels = random_batch(model, B=16)
     out, mask = mixed_rollout(model, codes, labels, (0.25, 0.75), torch.Generator().manual_seed(0), window)
     T = codes.shape[1]
@@ -986,6 +1012,23 @@ def test_diagnose_cli_writes_its_tables_json_and_heat_maps(trained_setup, tiny_t
         np.testing.assert_allclose(np.array(saved[q], dtype=float), np.array(values, dtype=float))
     assert f"{tiny_teacher} teaching {student}" in (trained_setup / "diag.md").read_text()
     assert Image.open(trained_setup / "diag.png").size[0] > 3 * 7 * 16
+
+
+@pytest.mark.slow
+def test_the_pipeline_runs_end_to_end_at_grid_14_in_a_tree_of_its_own(small_tokenizer14, tmp_path, capsys):
+    tok.save_tokenizer(small_tokenizer14, tmp_path / "grid14" / "tokenizer.pt")
+    make_fashion_mnist(tmp_path / "fmnist", n_train=64, n_test=40)  # random pixels: the plumbing, in seconds
+    tiny = ["--data-dir", str(tmp_path / "fmnist"), "--size", "tiny", "--teacher-size", "tiny", "--teacher-iters", "4", "--max-iters", "4", "--batch-size", "8",
+            "--eval-interval", "1000", "--eval-seqs", "20", "--eval-samples", "0", "--warmup", "2"]
+    metrics = distill.main(["--method", "varkd", "--grid", "14", "--out-dir", str(tmp_path), *tiny])
+    assert np.isfinite(metrics["test_nll"]) and np.isfinite(metrics["test_kl"])
+    for path in ("teacher.pt", "ce/ckpt.pt", "kd/ckpt.pt", "varkd/ckpt.pt"):
+        model = load_checkpoint(tmp_path / "grid14" / path)
+        assert model.config.grid_size == 14 and model.config.block_size == 196
+    assert not (tmp_path / "tokens").exists()  # the 7x7 tree is untouched
+    with pytest.raises(SystemExit, match="encodes 14x14 codes, not the --grid 7 asked: pass --grid 14"):
+        distill.main(["--method", "kd", "--out-dir", str(tmp_path / "grid14"), "--tokenizer",
+                      str(tmp_path / "grid14" / "tokenizer.pt"), *tiny])
 
 
 @pytest.mark.slow

@@ -4,12 +4,14 @@ One architecture in LlamaGen's layout (VQGAN-style encoder/decoder of ResNet blo
 attention at the lowest resolution; an L2-normalised codebook), two sizes:
   - "fmnist": the embedded default, 28x28 grey -> 7x7 codes from a 256-entry codebook, shipped as
     weights/tokenizer.pt (12000 steps, about 11 minutes on 2 CPU cores; MSE + commitment only: at
-    28 px no GAN is needed);
+    28 px no GAN is needed); with --grid 14, one downsampling fewer: 14x14 codes, the long horizon
+    (196 codes per image, closer to the 256 of LlamaGen at 256 px);
   - "VQ-16": LlamaGen's vq_ds16_c2i.pt (256x256 RGB -> 16x16 codes, 16384 x 8 codebook), loaded
     from its checkpoint with strict key checks.
 
     python tokenizer.py                  # trains out/tokenizer.pt as the shipped one, writes out/tokenizer_recon.png
     python tokenizer.py --steps 200      # a quick one
+    python tokenizer.py --grid 14        # 14x14 codes: out/grid14/tokenizer.pt, where distill.py --grid 14 looks
 
 Codes are the AR models' vocabulary: `encode(images) -> codes (B, h, w)`, `decode(codes) -> images`
 (uint8 (B, H, W, C) at the API, [-1, 1] inside). `codebook_groups(k)` partitions the codebook by
@@ -51,9 +53,11 @@ class VQConfig:
 
 PRESETS = {
     "fmnist": dict(),
+    "fmnist14": dict(ch_mult=(1, 2)),
     "VQ-16": dict(arch="vqgan", image_size=256, in_channels=3, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
                   z_channels=256, codebook_size=16384, codebook_dim=8),
 }
+GRIDS = {7: "fmnist", 14: "fmnist14"}  # the Fashion-MNIST presets by codes per side (28 / 4, 28 / 2)
 
 
 class ResnetBlock(nn.Module):
@@ -157,14 +161,15 @@ class VQGANTower(nn.Module):
 
 def conv_tower(cfg, decoder):
     """The small default: two stride-2 convolutions down (or transposed ones up) and 3x3 convs at
-    the code grid. On 2 CPU cores the VQGAN tower at 28 px trains ~10x slower for little gain."""
-    c, z = cfg.ch, cfg.z_channels
+    the code grid; at 14x14 codes (ch_mult of two levels) the second one keeps the side. On 2 CPU
+    cores the VQGAN tower at 28 px trains ~10x slower for little gain."""
+    c, z, twice = cfg.ch, cfg.z_channels, len(cfg.ch_mult) == 3
     if not decoder:
         return nn.Sequential(nn.Conv2d(cfg.in_channels, c, 4, 2, 1), nn.SiLU(),
-                             nn.Conv2d(c, 2 * c, 4, 2, 1), nn.SiLU(),
+                             nn.Conv2d(c, 2 * c, 4, 2, 1) if twice else nn.Conv2d(c, 2 * c, 3, 1, 1), nn.SiLU(),
                              nn.Conv2d(2 * c, 2 * c, 3, 1, 1), nn.SiLU(), nn.Conv2d(2 * c, z, 3, 1, 1))
     return nn.Sequential(nn.Conv2d(z, 2 * c, 3, 1, 1), nn.SiLU(), nn.Conv2d(2 * c, 2 * c, 3, 1, 1), nn.SiLU(),
-                         nn.ConvTranspose2d(2 * c, c, 4, 2, 1), nn.SiLU(),
+                         nn.ConvTranspose2d(2 * c, c, 4, 2, 1) if twice else nn.Conv2d(2 * c, c, 3, 1, 1), nn.SiLU(),
                          nn.ConvTranspose2d(c, cfg.in_channels, 4, 2, 1))
 
 
@@ -341,13 +346,13 @@ def train(model, images, steps, batch_size=128, lr=2e-3, seed=0, reseed_every=10
     return model.eval()
 
 
-def build(path, data_dir="data", steps=12000, batch_size=128, lr=2e-3, codebook_size=256, seed=0):
-    """Trains the default tokenizer on Fashion-MNIST, saves it to `path` with its test figures and
-    writes <path>_recon.png (originals above reconstructions)."""
+def build(path, data_dir="data", steps=12000, batch_size=128, lr=2e-3, codebook_size=256, seed=0, grid=7):
+    """Trains the default tokenizer on Fashion-MNIST (grid 7 or 14 codes per side), saves it to
+    `path` with its test figures and writes <path>_recon.png (originals above reconstructions)."""
     torch.manual_seed(seed)
     train_images, _ = load_fashion_mnist("train", data_dir)
     test_images, _ = load_fashion_mnist("test", data_dir)
-    model = VQModel(VQConfig(codebook_size=codebook_size))
+    model = VQModel(VQConfig(**PRESETS[GRIDS[grid]], codebook_size=codebook_size))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"training a {n_params / 1e6:.2f}M-parameter VQ tokenizer: 28x28 -> {model.cfg.grid_size}x"
           f"{model.cfg.grid_size} codes of {codebook_size}, {steps} steps")
@@ -374,7 +379,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default="data", help="Fashion-MNIST folder (default: data, then the "
                    "Debian package's, then download)")
-    p.add_argument("--out", default="out/tokenizer.pt", help="checkpoint path (default: out/tokenizer.pt)")
+    p.add_argument("--grid", type=int, default=7, choices=sorted(GRIDS), help="codes per image side: 7 (49 codes, "
+                   "the shipped tokenizer's) or 14 (196, the long horizon) (default: 7)")
+    p.add_argument("--out", help="checkpoint path (default: out/tokenizer.pt; out/grid14/tokenizer.pt with --grid 14, "
+                   "where distill.py --grid 14 looks for it)")
     p.add_argument("--steps", type=int, default=12000, help="training steps (default: 12000, the shipped "
                    "tokenizer's, ~11 min on 2 CPU cores)")
     p.add_argument("--batch-size", type=int, default=128, help="images per step (default: 128)")
@@ -382,7 +390,8 @@ def main():
     p.add_argument("--codebook-size", type=int, default=256, help="number of codes (default: 256)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     args = p.parse_args()
-    build(args.out, args.data_dir, args.steps, args.batch_size, args.lr, args.codebook_size, args.seed)
+    out = args.out or ("out/tokenizer.pt" if args.grid == 7 else f"out/grid{args.grid}/tokenizer.pt")
+    build(out, args.data_dir, args.steps, args.batch_size, args.lr, args.codebook_size, args.seed, args.grid)
 
 
 if __name__ == "__main__":
