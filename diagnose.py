@@ -63,11 +63,13 @@ def diagnose(teacher, student, codes, labels, groups, prefix_frac=(0.25, 0.75), 
              batch_size=250):
     """The diagnosis of a teacher and a student on real sequences codes (N, T) with labels (N,).
     Returns, per context: the mean of each quantity per position (T,) and per distance after the
-    prefix (T,) over the student-sampled positions (None where there is none), the truncation figures, and
-    the counts. The data context's per-position means use every sequence (a real context does not
+    prefix (T,) over the student-sampled positions (None where there is none), the truncation
+    figures, and the counts. The data context's per-position means use every sequence (a real context does not
     depend on where the prefix ends)."""
-    teacher.eval(), student.eval()
+    teacher.eval()
+    student.eval()
     N, T = codes.shape
+    position = torch.arange(T, device=codes.device)[None, :]  # (1, T)
     g = torch.Generator(codes.device).manual_seed(seed)
     zeros = lambda: torch.zeros(T, dtype=torch.float64)
     pos_sum = {c: {q: zeros() for q, _ in QUANTITIES} for c in CONTEXTS}
@@ -79,7 +81,7 @@ def diagnose(teacher, student, codes, labels, groups, prefix_frac=(0.25, 0.75), 
         x, y = codes[i:i + batch_size], labels[i:i + batch_size]
         rolled, sampled = mixed_rollout(student, x, y, prefix_frac, g)  # (B, T) each
         k = (~sampled).sum(1)  # (B,) prefix lengths
-        distance = torch.arange(T, device=x.device)[None, :] - k[:, None]  # (B, T)
+        distance = position - k[:, None]  # (B, T)
         m = sampled.double().cpu()
         pos_n += m.sum(0)
         dist_n.index_add_(0, distance[sampled].cpu(), torch.ones(int(sampled.sum()), dtype=torch.float64))
@@ -94,15 +96,15 @@ def diagnose(teacher, student, codes, labels, groups, prefix_frac=(0.25, 0.75), 
             low = (fig["alpha"] < threshold) & sampled
             first = torch.where(low.any(1), low.float().argmax(1), torch.full_like(k, T))  # (B,)
             cut[context] += torch.where(first < T, first - k, -1).tolist()
-            kept[context] += float((sampled & (torch.arange(T, device=x.device)[None, :] <= first[:, None])).sum())
+            kept[context] += float((sampled & (position <= first[:, None])).sum())
     out = {"num_seqs": N, "seq_len": T, "prefix_frac": list(prefix_frac), "threshold": threshold,
            "groups": int(groups.max()) + 1, "positions": pos_n.tolist(), "distances": dist_n.tolist()}
-    nan_div = lambda s, n: [v / c if c > 0 else None for v, c in zip(s.tolist(), n.tolist())]  # None: no position
+    means = lambda s, n: [v / c if c > 0 else None for v, c in zip(s.tolist(), n.tolist())]  # None: no position
     for c in CONTEXTS:
         n_pos = torch.full((T,), float(data_n), dtype=torch.float64) if c == "data" else pos_n
         cuts = np.array(cut[c])
-        out[c] = {"by_position": {q: nan_div(pos_sum[c][q], n_pos) for q, _ in QUANTITIES},
-                  "by_distance": {q: nan_div(dist_sum[c][q], dist_n) for q, _ in QUANTITIES},
+        out[c] = {"by_position": {q: means(pos_sum[c][q], n_pos) for q, _ in QUANTITIES},
+                  "by_distance": {q: means(dist_sum[c][q], dist_n) for q, _ in QUANTITIES},
                   "cut_share": float((cuts >= 0).mean()),
                   "cut_distance_median": float(np.median(cuts[cuts >= 0])) if (cuts >= 0).any() else None,
                   "kept_share": kept[c] / float(pos_n.sum())}
