@@ -115,9 +115,10 @@ def read_checkpoint(path, what="checkpoint", fix="pass one saved by torch.save")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # empty, truncated, not a zip or pickle, a hostile pickle: all refused alike
-        raise SystemExit(f"{path} is not a readable {what} ({str(e).splitlines()[0][:120]}): {fix}") from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:100]
+        raise SystemExit(f"{path} exists and is not a {what} (unreadable: {reason}): {fix}") from None
     if not isinstance(ckpt, dict):
-        raise SystemExit(f"{path} holds a {type(ckpt).__name__}, not a {what}: {fix}")
+        raise SystemExit(f"{path} exists and is not a {what} (it holds a {type(ckpt).__name__}): {fix}")
     state = ckpt.get("model")
     if "fingerprint" in ckpt and isinstance(state, dict):
         try:
