@@ -70,7 +70,7 @@ def fraction_range(text):
     return lo, hi
 
 
-def device(text):
+def existing_device(text):
     """A torch device that exists on this machine."""
     try:
         d = torch.device(text)

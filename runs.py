@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import tokenizer as tok
-from checks import (count, device, fraction, fraction_range, non_negative, positive, positive_int, read_checkpoint,
+from checks import (count, existing_device, fraction, fraction_range, non_negative, positive, positive_int, read_checkpoint,
                     weights_fingerprint as state_fingerprint)
 from data import WEIGHTS, atomic_write, prepare_tokens
 from model import GPT, PRESETS, GPTConfig, load_checkpoint
@@ -136,7 +136,7 @@ def parser(description=None):
     p.add_argument("--resume", action="store_true", help="continue the unfinished run at --out (with "
                    "the flags it was started with); the parents the pipeline builds are always continued")
     p.add_argument("--seed", type=count, default=0, help="seed of init, data order and dropout, >= 0 (default: 0)")
-    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--device", type=existing_device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda, one this machine has (default: cuda if available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off for "
                    "runs of several minutes)")
