@@ -93,7 +93,7 @@ def run(args, tokenizer, splits, seeds):
                          argparse.Namespace(**{**vars(args), "seed": seed}))
         lines[("teacher", seed)] = measured[args.teacher]
         seed_runs = [("ce", argparse.Namespace(out=student))] + seed_runs
-        spec = speculative(args, seed_runs, seed)
+        spec = speculative(args, tokenizer, seed_runs, seed)
         lines.update({(name, seed): {**measured[r.out], **spec.get(name, {})} for name, r in seed_runs})
     if rank > 0:
         return None
@@ -110,7 +110,7 @@ def run(args, tokenizer, splits, seeds):
     return results
 
 
-def speculative(args, seed_runs, seed, gamma=4):
+def speculative(args, tokenizer, seed_runs, seed, gamma=4):
     """The DRAFTS of a seed drafting for the teacher: acceptance, codes per teacher call, speed-up and
     draft cost at one image per call, on eval_samples / 100 images (at least one per class). Kept in
     seed<s>/speculative.json and measured again only for a checkpoint (or teacher) that changed."""
@@ -120,11 +120,11 @@ def speculative(args, seed_runs, seed, gamma=4):
     stamp = {name: [os.stat(r.out).st_mtime_ns, os.stat(args.teacher).st_mtime_ns] for name, r in drafts}
     todo = {name: r.out for name, r in drafts if saved.get(name, {}).get("stamp") != stamp[name]}
     if todo:
-        teacher = load_checkpoint(args.teacher).to(args.device)
+        teacher = load_checkpoint(args.teacher, tokenizer=tokenizer.fingerprint).to(args.device)
         classes = teacher.config.num_classes
         labels = torch.arange(max(args.eval_samples // 100, classes), device=args.device) % classes
         print(f"speculative sampling, {len(labels)} images one at a time: {', '.join(todo)} drafting for the teacher")
-        figures = speculative_speed(teacher, {n: load_checkpoint(p).to(args.device) for n, p in todo.items()},
+        figures = speculative_speed(teacher, {n: load_checkpoint(p, tokenizer=tokenizer.fingerprint).to(args.device) for n, p in todo.items()},
                                     labels, gamma, seed=seed, cfg_scale=args.eval_cfg)
         saved |= {n: {"stamp": stamp[n], **{f"spec_{k}": v for k, v in figures[n].items() if k != "seconds"}}
                   for n in todo}
@@ -215,7 +215,7 @@ def compare_image(paths, names, tokenizer, path, cfg_scale, device, per_class=2,
     every row: the differences between methods at a glance."""
     rows = []
     for ckpt in paths:
-        model = load_checkpoint(ckpt).to(device).eval()
+        model = load_checkpoint(ckpt, tokenizer=tokenizer.fingerprint).to(device).eval()
         classes = model.config.num_classes
         images, _ = draw(model, tokenizer, per_class * classes, cfg_scale, seed=seed)  # labels cycle the classes
         rows.append(images)  # (per_class * classes, H, W, C), image i of class i % classes
