@@ -157,9 +157,13 @@ def check_output(path, flag, force=None, kind="checkpoint"):
         parent = parent.parent
     if not parent.is_dir():
         raise SystemExit(f"{flag} {path}: {parent} is a file, not a folder; pass a path under a folder")
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise SystemExit(f"{flag} {path}: {path if path.exists() else parent} is not writable; pass {flag} "
-                         f"under a folder you can write to")
+    probe = parent / f".write-test-{os.getpid()}"  # a real write: permissions, read-only mounts, quotas
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"{flag} {path}: cannot write in {parent} ({e.strerror}); pass {flag} under a folder you "
+                         f"can write to") from None
     if path.exists() and kind != "checkpoint" and is_checkpoint(path):
         raise SystemExit(f"{flag} {path} is a checkpoint: pass {flag} elsewhere (a checkpoint is never "
                          f"replaced by an {kind})")

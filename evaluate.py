@@ -241,13 +241,13 @@ def evaluate_images(images, labels, features, out_dir, data_dir, inception_weigh
     its share; rank 0 gets the figures, the others None."""
     if images.dtype != np.uint8:
         raise SystemExit(f"the images are {images.dtype}, not uint8: pass pixels in 0..255")
-    if len(images) < MIN_SAMPLES:
-        raise SystemExit(f"{len(images)} images are too few to score: pass at least {MIN_SAMPLES} (FID and "
-                         f"friends want thousands)")
     real = reference_images(None, None, data_dir) if ref is None else None  # checked before any feature pass
     if real is not None and images.shape[1:] != real.shape[1:]:
         raise SystemExit(f"the images are {'x'.join(map(str, images.shape[1:]))} but the reference test split is "
                          f"{'x'.join(map(str, real.shape[1:]))}: pass images of the dataset's size")
+    if len(images) < MIN_SAMPLES:
+        raise SystemExit(f"{len(images)} images are too few to score: pass at least {MIN_SAMPLES} (FID and "
+                         f"friends want thousands)")
     extractor = load_extractor(features, data_dir, inception_weights, device)
     feats, logits = extract(extractor, images, device)
     if dist.is_initialized() and dist.get_world_size() > 1:
