@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -22,20 +23,20 @@ import torch
 
 
 def ranged(kind, low=None, high=None, low_open=False, high_open=False):
-    """A type for argparse: `kind` (int or float) within [low, high] (an open end with *_open)."""
-    left, right = "(" if low_open else "[", ")" if high_open else "]"
-    where = f"in {left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+    """A type for argparse: a finite `kind` (int or float) within [low, high] (an open end with *_open)."""
+    name = "an integer" if kind is int else "a number"
+    bound = (f"{'>' if low_open else '>='} {low}" if high is None else
+             f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
 
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}: "
-                                             f"pass one {where}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}: pass {name} {bound}") from None
         bad_low = low is not None and (value <= low if low_open else value < low)
         bad_high = high is not None and (value >= high if high_open else value > high)
-        if bad_low or bad_high or value != value:  # value != value: NaN
-            raise argparse.ArgumentTypeError(f"{text} is out of range: pass a value {where}")
+        if bad_low or bad_high or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: pass {name} {bound}")
         return value
     return parse
 
