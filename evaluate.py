@@ -466,4 +466,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # metrics.json, the reference features and --save-npz are written atomically
+        raise SystemExit("interrupted: nothing was half-written; run the same command again") from None
