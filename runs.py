@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import tokenizer as tok
-from checks import (count, existing_device, fraction, fraction_range, non_negative, positive, positive_int, read_checkpoint,
+from checks import (check_output, count, existing_device, fraction, fraction_range, non_negative, positive, positive_int, read_checkpoint,
                     weights_fingerprint as state_fingerprint)
 from data import WEIGHTS, atomic_write, prepare_tokens
 from model import GPT, PRESETS, GPTConfig, load_checkpoint
@@ -380,8 +380,7 @@ def check_ranks_agree(model, world):
 def export(src, dst):
     """A finished checkpoint without its optimizer state and RNG (a third of the size): what weights/
     ships. It still records its config, flags, fingerprints and figures; it cannot be continued."""
-    if Path(dst).exists():
-        raise SystemExit(f"{dst} exists: delete it first to replace it")
+    check_output(dst, "--export", force=False)
     ckpt = read_checkpoint(src, "checkpoint of distill.py", "pass a finished run's checkpoint to --export")
     if "metrics" not in ckpt or ckpt.get("step") != ckpt.get("args", {}).get("max_iters"):
         raise SystemExit(f"{src} is not a finished run of ours: only finished runs are exported")
