@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 import tokenizer as tok
-from checks import (check_output, count, existing_device, fraction, fraction_range, non_negative, positive, positive_int, read_checkpoint,
-                    weights_fingerprint as state_fingerprint)
+from checks import (check_output, count, existing_device, fraction, fraction_range, non_negative, positive,
+                    positive_int, read_checkpoint, weights_fingerprint as state_fingerprint)
 from data import WEIGHTS, atomic_write, prepare_tokens
 from model import GPT, PRESETS, GPTConfig, load_checkpoint
 
