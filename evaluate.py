@@ -200,8 +200,7 @@ def load_target(target, args):
         if not files:
             raise SystemExit(f"{path} holds no .png files: pass a folder of PNG samples, an .npz or a checkpoint")
         images = [read_png(f) for f in tqdm(files, desc="reading PNGs")]
-        shapes = sorted({im.shape for im in images})
-        if len(shapes) > 1:
+        if len({im.shape for im in images}) > 1:
             odd = next(f for f, im in zip(files, images) if im.shape != images[0].shape)
             raise SystemExit(f"{path} holds PNGs of different shapes ({files[0].name} is {images[0].shape}, {odd.name} "
                              f"{images[files.index(odd)].shape}): pass a folder of samples of one size and mode")
@@ -314,10 +313,11 @@ def metrics_entries(path):
         return {}
     try:
         entries = json.loads(path.read_text())
-        assert isinstance(entries, dict) and all(isinstance(e, dict) for e in entries.values())
-    except (OSError, ValueError, AssertionError):
+    except (OSError, ValueError):
+        entries = None
+    if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
         raise SystemExit(f"{path} is not a metrics.json of evaluate.py (damaged, or another program's): move it "
-                         f"away, it is not overwritten") from None
+                         f"away, it is not overwritten")
     return entries
 
 
@@ -441,7 +441,9 @@ def main(argv=None):
     # the outputs, checked before any work
     if args.save_npz:
         check_output(args.save_npz, "--save-npz", args.force, kind="array")
-    check_output(beside(args.target, args.out_dir).parent / "metrics.json", "metrics.json of the target")
+    metrics_json = beside(args.target, args.out_dir).parent / "metrics.json"
+    check_output(metrics_json, "the target's")
+    metrics_entries(metrics_json)  # a foreign one is refused now, not after the work
     check_output(Path(args.out_dir, "ref", "features.npz"), "--out-dir")
     t0 = time.time()
     images, labels = load_target(args.target, args)
