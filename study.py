@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import runs
+from checks import int_list, positive_int
 from data import CLASSES, atomic_write
 from distill import train
 from evaluate import draw, table
@@ -165,7 +166,7 @@ def summarise(lines, seeds, args):
             if r["name"] != "kd_cont":
                 m = r["FID-cls"]
                 r["beats_kd_cont"] = base["mean"] - m["mean"] > max(base["std"], m["std"])
-    return {"command": f"python study.py --seeds {args.seeds} --kd-iters {args.kd_iters} --study-iters {args.study_iters}",
+    return {"command": f"python study.py --seeds {','.join(map(str, args.seeds))} --kd-iters {args.kd_iters} --study-iters {args.study_iters}",
             "ce_iters": lines[("ce", seeds[0])]["steps"], "kd_iters": args.kd_iters, "study_iters": args.study_iters,
             "eval_samples": args.eval_samples, "eval_cfg": args.eval_cfg, "rows": rows,
             "wall_time_training": sum(line.get("wall_time", 0.0) for line in lines.values()),
@@ -236,15 +237,14 @@ def compare_image(paths, names, tokenizer, path, cfg_scale, device, per_class=2,
 
 def main(argv=None):
     p = runs.parser(__doc__)
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one set of runs each (default: 0,1,2)")
-    p.add_argument("--kd-iters", type=int, default=400, help="stage-1 KD steps from the no-KD student (default: 400)")
-    p.add_argument("--study-iters", type=int, default=400, help="stage-2 steps of every row from the stage-1 KD "
-                   "checkpoint (default: 400)")
+    p.add_argument("--seeds", type=int_list, default="0,1,2", help="comma-separated seeds >= 0, one set of runs "
+                   "each (default: 0,1,2)")
+    p.add_argument("--kd-iters", type=positive_int, default=400, help="stage-1 KD steps from the no-KD student, "
+                   ">= 1 (default: 400)")
+    p.add_argument("--study-iters", type=positive_int, default=400, help="stage-2 steps of every row from the "
+                   "stage-1 KD checkpoint, >= 1 (default: 400)")
     args = runs.get_args(argv, p)
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        p.error(f"--seeds {args.seeds!r}: pass comma-separated integers, e.g. 0,1,2")
+    seeds = args.seeds
     rank, _ = runs.setup_ddp(args)
     torch.manual_seed(args.seed + rank)
     tokenizer, splits = runs.load_data(args)
