@@ -380,7 +380,9 @@ def check_ranks_agree(model, world):
 def export(src, dst):
     """A finished checkpoint without its optimizer state and RNG (a third of the size): what weights/
     ships. It still records its config, flags, fingerprints and figures; it cannot be continued."""
-    check_output(dst, "--export", force=False)
+    if Path(dst).exists():
+        raise SystemExit(f"{dst} exists: delete it first to replace it, or pass another DST to --export")
+    check_output(dst, "--export")
     ckpt = read_checkpoint(src, "checkpoint of distill.py", "pass a finished run's checkpoint to --export")
     if "metrics" not in ckpt or ckpt.get("step") != ckpt.get("args", {}).get("max_iters"):
         raise SystemExit(f"{src} is not a finished run of ours: only finished runs are exported")
