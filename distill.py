@@ -362,9 +362,8 @@ def main(argv=None):
     rank, _ = runs.setup_ddp(args)
     chain = [] if args.prepare else runs.pipeline(args)
     # every output checked before any work; one process at a time per checkpoint
-    flags = {run.out: "--out" if run is args and not run.out.startswith(f"{args.out_dir}/") else "--out-dir"
-             for run in chain}
-    outputs = {**flags, f"{args.out_dir}/tokens/train.json": "--out-dir"}
+    flags = {run.out: "--out" if run is args else "--out-dir" for run in chain}
+    outputs = {f"{args.out_dir}/tokens/train.json": "--out-dir", **flags}
     if args.tokenizer and not Path(args.tokenizer).exists():
         outputs[args.tokenizer] = "--tokenizer"
     for path, flag in outputs.items():
