@@ -12,12 +12,14 @@ import itertools
 import http.server
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
 import threading
 import time
 import types
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -1375,15 +1377,14 @@ def bad_env(tmp_path_factory):
     tok.save_tokenizer(vq, root / "tok.pt")
     teacher = tiny_model(0, vocab_size=256, num_classes=10, grid_size=7)
     state = teacher.state_dict()
-    torch.save({"model": state, "config": asdict(teacher.config), "fingerprint": distill.runs.weights_fingerprint(teacher),
-                "fingerprints": {"tokenizer": vq.fingerprint}}, root / "teacher.pt")
-    distill.main(["--prepare", "--data-dir", str(root / "fm"), "--out-dir", str(root / "out"), "--tokenizer", str(root / "tok.pt")])
+    torch.save({"model": state, "config": asdict(teacher.config), "fingerprints": {"tokenizer": vq.fingerprint},
+                "fingerprint": distill.runs.weights_fingerprint(teacher)}, root / "teacher.pt")
+    distill.main(["--prepare", *DISTILL(root)[:6]])
     return root
 
 
 def flip_a_weight_byte(path):
     """One bit of one stored weight flipped, in place: the zip and the pickle still read."""
-    import zipfile
     with zipfile.ZipFile(path) as z:
         info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
     with open(path, "r+b") as f:
@@ -1421,11 +1422,20 @@ def other_tokenizer(src, dst):
 
 
 # (program, its argv in the copy r, what to make first, words the refusal must hold)
-DISTILL = lambda r: ["--data-dir", f"{r}/fm", "--out-dir", f"{r}/out", "--tokenizer", f"{r}/tok.pt", "--size", "tiny",  # noqa: E731
-                     "--batch-size", "4", "--max-iters", "2", "--eval-interval", "1000", "--eval-seqs", "5",
-                     "--eval-samples", "0", "--out", f"{r}/out/run.pt"]
-KD = lambda r: DISTILL(r) + ["--method", "kd", "--init", "none", "--teacher", f"{r}/teacher.pt"]  # noqa: E731
-SAMPLE = lambda r: ["--ckpt", f"{r}/teacher.pt", "--tokenizer", f"{r}/tok.pt", "--per-class", "1", "--out", f"{r}/s.png"]  # noqa: E731
+def DISTILL(r):
+    return ["--data-dir", f"{r}/fm", "--out-dir", f"{r}/out", "--tokenizer", f"{r}/tok.pt", "--size", "tiny",
+            "--batch-size", "4", "--max-iters", "2", "--eval-interval", "1000", "--eval-seqs", "5", "--eval-samples", "0",
+            "--out", f"{r}/out/run.pt"]
+
+
+def KD(r):
+    return DISTILL(r) + ["--method", "kd", "--init", "none", "--teacher", f"{r}/teacher.pt"]
+
+
+def SAMPLE(r):
+    return ["--ckpt", f"{r}/teacher.pt", "--tokenizer", f"{r}/tok.pt", "--per-class", "1", "--out", f"{r}/s.png"]
+
+
 BAD_INPUTS = [
     # flags, refused at parse time with their range
     ("distill", lambda r: DISTILL(r) + ["--max-iters", "0"], None, ["--max-iters", "an integer >= 1"]),
@@ -1494,7 +1504,7 @@ PROGRAMS = {"distill": distill.main, "sample": sample.main, "evaluate": evaluate
 def test_a_bad_input_is_refused_in_one_sentence_naming_it_and_nothing_is_lost(bad_env, tmp_path, capsys, monkeypatch,
                                                                              program, argv, make, words):
     r = tmp_path / "r"
-    shutil_copytree(bad_env, r)
+    shutil.copytree(bad_env, r)
     monkeypatch.chdir(r)  # out/ and data/ defaults land in the copy
     if make:
         make(r)
@@ -1508,14 +1518,9 @@ def test_a_bad_input_is_refused_in_one_sentence_naming_it_and_nothing_is_lost(ba
     assert {p: after.get(p) for p in before} == before, "a file that existed before was changed or removed"
 
 
-def shutil_copytree(src, dst):
-    import shutil
-    shutil.copytree(src, dst)
-
-
 def test_a_run_that_diverges_keeps_only_finite_weights_and_says_which_step_truthfully(bad_env, tmp_path, capsys):
     r = tmp_path / "r"
-    shutil_copytree(bad_env, r)
+    shutil.copytree(bad_env, r)
     code, printed = refusal(distill.main, DISTILL(r) + ["--lr", "1e9", "--warmup", "0", "--max-iters", "30",
                                                         "--ckpt-interval", "1000"], capsys)
     assert "training diverged; no checkpoint was written" in printed and "lower --lr" in printed
@@ -1531,7 +1536,7 @@ def test_a_second_run_on_one_output_is_refused_and_ctrl_c_names_the_step_and_the
     """A real second process holds the lock; the in-process run is refused naming its pid. Then Ctrl-C
     ends that process with one line that names the checkpoint --resume continues from."""
     r = tmp_path / "r"
-    shutil_copytree(bad_env, r)
+    shutil.copytree(bad_env, r)
     argv = DISTILL(r) + ["--max-iters", "1000000", "--ckpt-interval", "20"]
     first = subprocess.Popen([sys.executable, "distill.py", *argv], cwd=Path(__file__).parent, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
