@@ -116,7 +116,8 @@ def read_checkpoint(path, what="checkpoint", fix="pass one saved by torch.save")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # empty, truncated, not a zip or pickle, a hostile pickle: all refused alike
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:100]
+        reason = ("empty" if path.stat().st_size == 0 else "truncated, or not a torch.save file"
+                  if not zipfile.is_zipfile(path) else (str(e).splitlines() or [type(e).__name__])[0][:100])
         raise SystemExit(f"{path} exists and is not a {what} (unreadable: {reason}): {fix}") from None
     if not isinstance(ckpt, dict):
         raise SystemExit(f"{path} exists and is not a {what} (it holds a {type(ckpt).__name__}): {fix}")
