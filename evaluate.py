@@ -178,7 +178,7 @@ def draw(model, tokenizer, n, cfg_scale=2.0, batch_size=500, seed=0, rank=0, wor
     return torch.cat(images).numpy(), labels.cpu().numpy()
 
 
-MIN_SAMPLES = 10  # precision/recall need more than k + 1 = 4 neighbours; the Inception Score 10 parts
+MIN_SAMPLES = 4  # precision/recall's radius is the distance to the k-th (k = 3) other sample
 
 
 def read_png(path):
@@ -244,9 +244,6 @@ def evaluate_images(images, labels, features, out_dir, data_dir, inception_weigh
     if real is not None and images.shape[1:] != real.shape[1:]:
         raise SystemExit(f"the images are {'x'.join(map(str, images.shape[1:]))} but the reference test split is "
                          f"{'x'.join(map(str, real.shape[1:]))}: pass images of the dataset's size")
-    if len(images) < MIN_SAMPLES:
-        raise SystemExit(f"{len(images)} images are too few to score: pass at least {MIN_SAMPLES} (FID and "
-                         f"friends want thousands)")
     extractor = load_extractor(features, data_dir, inception_weights, device)
     feats, logits = extract(extractor, images, device)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -449,6 +446,9 @@ def main(argv=None):
     images, labels = load_target(args.target, args)
     saved = Path(args.target).is_dir() or Path(args.target).suffix == ".npz"
     n = len(images) if saved else args.num_samples
+    if n < MIN_SAMPLES:
+        raise SystemExit(f"{args.target} holds {n} images, too few to score: pass at least {MIN_SAMPLES} (FID and "
+                         f"friends want thousands)")
     if saved:  # each rank scores its share of saved samples; a checkpoint's are drawn per rank
         images, labels = images[args.rank::args.world], None if labels is None else labels[args.rank::args.world]
     result = evaluate_images(images, labels, args.features, args.out_dir, args.data_dir, args.inception_weights,

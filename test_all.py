@@ -1481,7 +1481,7 @@ BAD_INPUTS = [
     ("sample", lambda r: SAMPLE(r) + ["--draft", f"{r}/alien.pt"], lambda r: other_tokenizer(r / "teacher.pt", r / "alien.pt"),
      ["alien.pt", "--tokenizer it was trained with"]),
     ("evaluate", lambda r: [f"{r}/three.npz"], lambda r: np.savez(r / "three.npz", np.zeros((3, 28, 28), np.uint8)),
-     ["3 images are too few"]),
+     ["three.npz holds 3 images, too few"]),
     ("evaluate", lambda r: [f"{r}/pngs"], lambda r: [(r / "pngs").mkdir()] + [png(r / "pngs" / f"{i}.png", m)
                                                  for i, m in enumerate(["L"] * 6 + ["RGB"] * 6)], ["pngs", "different shapes"]),
     ("evaluate", lambda r: [f"{r}/pngs"], lambda r: [(r / "pngs").mkdir(), (r / "pngs" / "bad.png").write_text("x")] +
