@@ -27,6 +27,7 @@ import distill
 import evaluate
 import runs
 import tokenizer as tok
+from checks import existing_device, positive_int, ranged
 from data import WEIGHTS
 from model import GPT, PRESETS, GPTConfig, load_checkpoint
 from sample import generate, speculative_speed
@@ -49,16 +50,16 @@ def timed(fn, device, repeats):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="teacher,student", help="comma-separated presets (default: teacher,student)")
-    p.add_argument("--batch-size", type=int, default=64, help="sequences per step / images per call (default: 64)")
-    p.add_argument("--grid", type=int, default=7, help="codes per side (default: 7)")
-    p.add_argument("--vocab", type=int, default=256, help="codebook size (default: 256)")
-    p.add_argument("--classes", type=int, default=10, help="number of classes (default: 10)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per figure, median reported (default: 5)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--batch-size", type=positive_int, default=64, help="sequences per step / images per call, >= 1 (default: 64)")
+    p.add_argument("--grid", type=positive_int, default=7, help="codes per side, >= 1 (default: 7)")
+    p.add_argument("--vocab", type=ranged(int, 4), default=256, help="codebook size, >= 4 (default: 256)")
+    p.add_argument("--classes", type=positive_int, default=10, help="number of classes, >= 1 (default: 10)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per figure, median reported, >= 1 (default: 5)")
+    p.add_argument("--device", type=existing_device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: cuda if available)")
     p.add_argument("--teacher", default="teacher", help="teacher preset of the method rows (default: teacher)")
     p.add_argument("--student", default="student", help="student preset of the method rows (default: student)")
-    p.add_argument("--method-steps", type=int, default=20, help="steps averaged per method (default: 20)")
+    p.add_argument("--method-steps", type=positive_int, default=20, help="steps averaged per method, >= 1 (default: 20)")
     p.add_argument("--no-methods", action="store_true", help="skip the per-method table")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation figures")
     p.add_argument("--imagenet", action="store_true", help="only the ImageNet figures: VQ-16 encoding at 256 px, "
@@ -67,7 +68,7 @@ def main():
                    "the shipped teacher with each student of the main job as its draft")
     p.add_argument("--out-dir", default="out", help="--speculative: where the main job's checkpoints are (default: out)")
     p.add_argument("--gamma", default="4", help="--speculative: codes drafted per round, comma-separated (default: 4)")
-    p.add_argument("--spec-images", type=int, default=50, help="--speculative: images per figure (default: 50)")
+    p.add_argument("--spec-images", type=positive_int, default=50, help="--speculative: images per figure, >= 1 (default: 50)")
     p.add_argument("--relax-delta", default="0", help="--speculative: LANTERN's relaxed acceptance budgets, "
                    "comma-separated, 0 = exact (default: 0)")
     args = p.parse_args()
@@ -156,9 +157,11 @@ def speculative(args, device):
     call and wall-clock speed-up over the teacher alone, one image per call (speculative sampling
     is a latency method) and --batch-size images per call (rows advance by the batch's shortest
     accepted run), classifier-free guidance 2 on both."""
-    teacher = load_checkpoint(WEIGHTS / "teacher.pt").to(device)
+    tokenizer = tok.load_tokenizer(WEIGHTS / "tokenizer.pt")  # every draft must share the teacher's codes
+    teacher = load_checkpoint(WEIGHTS / "teacher.pt", tokenizer=tokenizer.fingerprint).to(device)
     paths = {"ce": WEIGHTS / "student.pt", **{m: Path(f"{args.out_dir}/{m}/ckpt.pt") for m in runs.METHODS[1:]}}
-    drafts = {m: load_checkpoint(path).to(device) for m, path in paths.items() if path.exists()}
+    drafts = {m: load_checkpoint(path, tokenizer=tokenizer.fingerprint).to(device) for m, path in paths.items()
+              if path.exists()}
     if not drafts:
         raise SystemExit(f"no students under {args.out_dir}/: run python distill.py (the main job) first")
     classes = teacher.config.num_classes
@@ -168,7 +171,7 @@ def speculative(args, device):
     deltas = [float(d) for d in args.relax_delta.split(",")]
     groups = None  # relaxed acceptance pools over VarKD's codebook groups, from the main job's tokenizer
     if any(deltas):
-        groups = tok.load_tokenizer(WEIGHTS / "tokenizer.pt").codebook_groups(teacher.config.vocab_size // 4)
+        groups = tokenizer.codebook_groups(teacher.config.vocab_size // 4)
         groups = groups.to(device)
     print(f"{'draft':>9} {'gamma':>6} {'delta':>6} {'batch':>6} {'accepted':>9} {'codes/call':>11} {'img/s':>7} "
           f"{'speed-up':>9} {'draft cost':>11}")

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from checks import read_checkpoint, weights_fingerprint
 from data import WEIGHTS, atomic_write, fingerprint, load_fashion_mnist
 
 
@@ -91,7 +92,7 @@ def build(path, data_dir="data", epochs=EPOCHS):
     print(f"classifier: test accuracy {acc:.4f} after {epochs} epochs ({(time.time() - t0) / 60:.1f} min)")
     state = {"model": model.state_dict(), "in_channels": train_images.shape[-1], "image_size": train_images.shape[1],
              "num_classes": int(train_labels.max()) + 1, "data": fingerprint(train_images, train_labels),
-             "test_accuracy": acc, "epochs": epochs}
+             "test_accuracy": acc, "epochs": epochs, "fingerprint": weights_fingerprint(model.state_dict())}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -102,8 +103,8 @@ def load_classifier(data_dir, path=CLASSIFIER):
                          f"`git checkout {path}` or rebuild it with `python classifier.py --out {path}`")
     train_images, train_labels = load_fashion_mnist("train", data_dir)
     data_fp = fingerprint(train_images, train_labels)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt["data"] != data_fp:
+    ckpt = read_checkpoint(path, "classifier", f"restore it with `git checkout {path}`")
+    if ckpt.get("data") != data_fp:
         raise SystemExit(f"{path} was trained on other data ({ckpt['data']}, now {data_fp}): delete it to retrain it")
     model = Classifier(ckpt["in_channels"], ckpt["num_classes"], ckpt["image_size"])
     model.load_state_dict(ckpt["model"])

@@ -34,6 +34,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+from checks import atomic_write, fingerprint  # noqa: F401 (also data.atomic_write, data.fingerprint)
+
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {  # name -> sha256 of the official .gz
@@ -57,36 +59,12 @@ def beside(path, out_dir="out"):
     return (Path(out_dir) / "weights" if path.parent.resolve() == WEIGHTS.resolve() else path.parent) / path.name
 
 
-def fingerprint(*parts):
-    """Short sha256 of arrays, strings and numbers: what an artifact was built from."""
-    h = hashlib.sha256()
-    for p in parts:
-        if isinstance(p, np.ndarray):
-            h.update(str((p.dtype, p.shape)).encode())
-            h.update(np.ascontiguousarray(p).data)
-        else:
-            h.update(repr(p).encode())
-    return h.hexdigest()[:16]
-
-
 def sha256_file(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path), then move tmp_path onto path: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")  # same suffix, so np.save / PIL keep the name
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def download(url, path, sha256):
@@ -231,7 +209,7 @@ def token_cache(prefix, images, labels, encode, tokenizer_fingerprint, batch_siz
     prefix = Path(prefix)
     data_fp = fingerprint(images, labels)
     if cached(prefix, tokenizer_fingerprint, data_fp):
-        return np.load(f"{prefix}.codes.npy", mmap_mode="r"), np.load(f"{prefix}.labels.npy"), data_fp
+        return (*load_cache(prefix), data_fp)
     codes = np.concatenate([encode(images[i:i + batch_size]) for i in
                             tqdm(range(0, len(images), batch_size), desc=f"encoding {prefix.name}")])
     codes = codes.astype(np.int16 if codes.max() < 2 ** 15 else np.int32)
@@ -245,7 +223,11 @@ def cached(prefix, tokenizer_fingerprint, data_fp):
     meta_path = Path(prefix).with_suffix(".json")
     if not meta_path.exists():
         return False
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+        meta["tokenizer"], meta["data"], meta["shape"]
+    except (OSError, ValueError, TypeError, KeyError):
+        raise SystemExit(f"token cache {meta_path} is damaged or not ours: delete {prefix}.* to rebuild it") from None
     if meta["tokenizer"] != tokenizer_fingerprint:
         raise SystemExit(f"token cache {meta_path} was built by tokenizer {meta['tokenizer']}, "
                          f"not by this one ({tokenizer_fingerprint}): delete {prefix}.* to "
@@ -254,6 +236,19 @@ def cached(prefix, tokenizer_fingerprint, data_fp):
         raise SystemExit(f"token cache {meta_path} was built from other images (data "
                          f"{meta['data']}, now {data_fp}): delete {prefix}.* to rebuild it")
     return True
+
+
+def load_cache(prefix):
+    """The codes (memory-mapped) and labels of a complete cache, refused in one sentence if damaged."""
+    meta = json.loads(Path(prefix).with_suffix(".json").read_text())
+    try:
+        codes, labels = np.load(f"{prefix}.codes.npy", mmap_mode="r"), np.load(f"{prefix}.labels.npy")
+    except (OSError, ValueError, EOFError) as e:
+        raise SystemExit(f"token cache {prefix}.* is damaged ({e}): delete {prefix}.* to rebuild it") from None
+    if list(codes.shape) != meta["shape"] or len(labels) != len(codes):
+        raise SystemExit(f"token cache {prefix}.* is damaged (codes {codes.shape}, labels {labels.shape}, recorded "
+                         f"{meta['shape']}): delete {prefix}.* to rebuild it")
+    return codes, labels
 
 
 def finish_cache(prefix, labels, tokenizer_fingerprint, data_fp, shape):
@@ -302,7 +297,7 @@ def folder_token_cache(prefix, root, size, encode, tokenizer_fingerprint, rank=0
             shutil.rmtree(parts)
     if dist.is_initialized():
         dist.barrier()
-    return np.load(f"{prefix}.codes.npy", mmap_mode="r"), np.load(f"{prefix}.labels.npy"), data_fp
+    return (*load_cache(prefix), data_fp)
 
 
 def encode_chunks(parts, paths, size, encode, rank=0, world=1, chunk=1024, batch_size=64, workers=0):

@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import runs
+from checks import positive_int
 from data import atomic_write
 from distill import group_logp, jsd, mixed_rollout
 
@@ -194,12 +195,10 @@ def main(argv=None):
     p = runs.parser(__doc__)
     # the kd stage's defaults: --student (alias of --init) is then the no-KD student, the shipped one
     p.set_defaults(method="kd")
-    p.add_argument("--num-seqs", type=int, default=2000, help="test sequences diagnosed (default: 2000)")
+    p.add_argument("--num-seqs", type=positive_int, default=2000, help="test sequences diagnosed, >= 1 (default: 2000)")
     p.add_argument("--name", default="diagnosis", help="output files <out-dir>/<name>.md, .json and .png "
                    "(default: diagnosis)")
     args = runs.get_args(argv, p)
-    if args.num_seqs < 1:
-        p.error(f"--num-seqs {args.num_seqs}: pass a positive number of test sequences")
     t0 = time.time()
     tokenizer, splits = runs.load_data(args)
     fingerprints = {"tokenizer": tokenizer.fingerprint, "data": splits["train"][2]}

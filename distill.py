@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import runs
+from checks import check_output, output_lock
 from data import batch_indices
 from evaluate import held_out, table
 from sample import generate
@@ -218,6 +219,18 @@ def lr_at(step, args):
     return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def kept(args, saved, diverged=True):
+    """What a stopped run leaves at args.out, truthfully, and a command that works from there: a
+    diverged run would diverge again at the same step if resumed (its steps are reproducible)."""
+    if saved is None:
+        return f"no checkpoint was written to {args.out}; " + ("run again with a lower --lr" if diverged else
+                                                               "run the same command again to start over")
+    if diverged:
+        return (f"{args.out} keeps step {saved} (finite weights); resumed with the same flags it would diverge "
+                f"again: start again with a lower --lr and --out elsewhere")
+    return f"{args.out} keeps step {saved}: the same command with --resume continues from it"
+
+
 def train(args, tokenizer, splits, role=None):
     """One run: args.method into args.out, or reuse / continue what is there (runs.open_run). role
     names a parent the pipeline builds ('teacher', 'no-KD student', ...); None is the run asked for."""
@@ -243,65 +256,99 @@ def train(args, tokenizer, splits, role=None):
     t0, tokens, pool_id = time.time(), 0, None
     bar = tqdm(range(run.start, args.max_iters), initial=run.start, total=args.max_iters, desc=args.method,
                disable=rank > 0)
-    for step in bar:
-        lr = lr_at(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # every random choice of a step is a pure function of (seed, step, rank): resumable, reproducible
-        step_seed = args.seed * 1_000_003 + step
-        g = torch.Generator(device).manual_seed(step_seed)
-        if args.method == "seqkd":  # each rank samples its own pool of teacher sequences
-            if pool_id != step // args.pool_refresh:
-                pool_id = step // args.pool_refresh
-                pool = teacher_pool(teacher, args.pool_size // world, model.config.num_classes, args.pool_cfg,
-                                    (args.seed * 1_000_003 + 10 ** 9 + pool_id) * 1024 + rank)
-                metrics["teacher_seqs"] = metrics.get("teacher_seqs", 0) + args.pool_size * (1 + (args.pool_cfg != 1))
-            idx = batch_indices(step, args.pool_size // world, args.batch_size // world, args.seed)
-            codes, labels = pool[0][idx], model.drop_labels(pool[1][idx], g)
-        else:  # label dropout on the global batch, then this rank's slice: N ranks train as one process
-            idx = batch_indices(step, len(train_codes), args.batch_size, args.seed)
-            labels = model.drop_labels(train_labels[idx].to(device), g)
-            codes, labels = train_codes[idx].to(device).long()[rank::world], labels[rank::world]
-        g.manual_seed(step_seed * 1024 + rank + 1)  # this rank's own rollouts
-        with amp:
-            loss = method_loss(args, step_fn, model, teacher, codes, labels, groups, g)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # the norm of the all-reduced gradients: every rank sees the same one, and stops together
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        if not (torch.isfinite(loss) and torch.isfinite(norm)):
-            raise SystemExit(f"the loss is {loss.item()} (gradient norm {norm.item()}) at step {step}: training "
-                             f"diverged; the last good checkpoint {args.out} is kept; lower --lr and --resume")
-        optimizer.step()
-        tokens += codes.numel() * world
-        if teacher is not None:  # the cost the paper counts: sequences the teacher scores (or samples, above)
-            metrics["teacher_seqs"] = metrics.get("teacher_seqs", 0) + codes.shape[0] * world
-        done = step + 1
-        if done % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens / (time.time() - t0):.0f}")
-        if rank == 0 and (done % args.eval_interval == 0 or done == args.max_iters):
-            # the curve, on the first --eval-seqs test sequences at every point, the last step included
-            m = held_out(model, test_codes[:args.eval_seqs], test_labels[:args.eval_seqs], teacher)
-            metrics.setdefault("curve", []).append([done, *m.values()])
-            bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()) +
-                      f" nats/code (first {args.eval_seqs} test sequences)")
-        if done % args.ckpt_interval == 0 or done == args.max_iters:
-            metrics["wall_time"] += time.time() - t0
-            tokens, t0 = 0, time.time()
-            if done == args.max_iters and world > 1:
-                runs.check_ranks_agree(model, world)
-                metrics["ranks_agree"] = world
-            if rank == 0:
-                if done == args.max_iters:
-                    metrics.update(held_out(model, test_codes, test_labels, teacher))
-                metrics["step"] = done
-                runs.save_checkpoint(args.out, model, optimizer, done, args, run.fingerprints, metrics)
+    saved = run.start or None  # the step of the checkpoint at args.out (None: none yet)
+    step = run.start
+    try:
+        for step in bar:
+            lr = lr_at(step, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # every random choice of a step is a pure function of (seed, step, rank): resumable, reproducible
+            step_seed = args.seed * 1_000_003 + step
+            g = torch.Generator(device).manual_seed(step_seed)
+            if args.method == "seqkd":  # each rank samples its own pool of teacher sequences
+                if pool_id != step // args.pool_refresh:
+                    pool_id = step // args.pool_refresh
+                    pool = teacher_pool(teacher, args.pool_size // world, model.config.num_classes, args.pool_cfg,
+                                        (args.seed * 1_000_003 + 10 ** 9 + pool_id) * 1024 + rank)
+                    metrics["teacher_seqs"] = metrics.get("teacher_seqs", 0) + args.pool_size * (1 + (args.pool_cfg != 1))
+                idx = batch_indices(step, args.pool_size // world, args.batch_size // world, args.seed)
+                codes, labels = pool[0][idx], model.drop_labels(pool[1][idx], g)
+            else:  # label dropout on the global batch, then this rank's slice: N ranks train as one process
+                idx = batch_indices(step, len(train_codes), args.batch_size, args.seed)
+                labels = model.drop_labels(train_labels[idx].to(device), g)
+                codes, labels = train_codes[idx].to(device).long()[rank::world], labels[rank::world]
+            g.manual_seed(step_seed * 1024 + rank + 1)  # this rank's own rollouts
+            with amp:
+                loss = method_loss(args, step_fn, model, teacher, codes, labels, groups, g)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            # the norm of the all-reduced gradients: every rank sees the same one, and stops together
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            if not (torch.isfinite(loss) and torch.isfinite(norm)):
+                raise SystemExit(f"the loss is {loss.item()} (gradient norm {norm.item()}) at step {step}: training "
+                                 f"diverged; {kept(args, saved)}")
+            optimizer.step()
+            tokens += codes.numel() * world
+            if teacher is not None:  # the cost the paper counts: sequences the teacher scores (or samples, above)
+                metrics["teacher_seqs"] = metrics.get("teacher_seqs", 0) + codes.shape[0] * world
+            done = step + 1
+            if done % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens / (time.time() - t0):.0f}")
+            if rank == 0 and (done % args.eval_interval == 0 or done == args.max_iters):
+                # the curve, on the first --eval-seqs test sequences at every point, the last step included
+                m = held_out(model, test_codes[:args.eval_seqs], test_labels[:args.eval_seqs], teacher)
+                metrics.setdefault("curve", []).append([done, *m.values()])
+                bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()) +
+                          f" nats/code (first {args.eval_seqs} test sequences)")
+            if done % args.ckpt_interval == 0 or done == args.max_iters:
+                metrics["wall_time"] += time.time() - t0
+                tokens, t0 = 0, time.time()
+                if done == args.max_iters and world > 1:
+                    runs.check_ranks_agree(model, world)
+                    metrics["ranks_agree"] = world
+                if not all(torch.isfinite(p).all() for p in model.parameters()):
+                    raise SystemExit(f"the weights are no longer finite at step {done}: training diverged; "
+                                     f"{kept(args, saved)}")
+                if rank == 0:
+                    if done == args.max_iters:
+                        metrics.update(held_out(model, test_codes, test_labels, teacher))
+                    metrics["step"] = done
+                    runs.save_checkpoint(args.out, model, optimizer, done, args, run.fingerprints, metrics)
+                saved = done
+    except KeyboardInterrupt:
+        bar.close()
+        raise SystemExit(f"interrupted at step {step} of {args.max_iters}: {kept(args, saved, False)}") from None
     if world > 1:
         dist.barrier()  # the next run of the pipeline reads this checkpoint
     if rank == 0 and "test_nll" in metrics:
         kl = f", KL(teacher || student) {metrics['test_kl']:.4f}" if "test_kl" in metrics else ""
         print(f"done: test NLL {metrics['test_nll']:.4f}{kl} nats/code on {len(test_codes)} test images, "
               f"{metrics['wall_time'] / 60:.1f} min of training; saved {args.out}")
+    return metrics
+
+
+def run_all(args, chain, rank):
+    """The main job: the data, each run of the pipeline (parents first), then the table."""
+    torch.manual_seed(args.seed + rank)
+    tokenizer, splits = runs.load_data(args)
+    if args.prepare:
+        if rank == 0:
+            print(", ".join(f"{k}: {tuple(v[0].shape)} codes" for k, v in splits.items()) + f" in {args.out_dir}/tokens/")
+        runs.teardown_ddp()
+        return splits
+    if Path(args.data_dir, "train").is_dir() and args.eval_samples:  # FID-cls's classifier knows Fashion-MNIST only
+        args.eval_samples = 0
+        if rank == 0:
+            print("an image folder: the table has test NLL and KL; FID: torchrun ... evaluate.py CKPT --features inception")
+    for run in chain:
+        role = None if run is args else runs.ROLES["teacher" if run.out == args.teacher else run.method]
+        metrics = train(run, tokenizer, splits, role)
+    if rank == 0:  # the main job's table: every finished model in --out-dir, each measured once
+        student = runs.stage_args(args, "kd").init  # the no-KD student: the shipped one by default
+        paths = [args.teacher, student] + [f"{args.out_dir}/{m}/ckpt.pt" for m in runs.METHODS] + [args.out]
+        table(paths, tokenizer, *splits["test"][:2], args)
+    runs.teardown_ddp()
     return metrics
 
 
@@ -315,26 +362,22 @@ def main(argv=None):
     if args.export:
         return runs.export(*args.export)
     rank, _ = runs.setup_ddp(args)
-    torch.manual_seed(args.seed + rank)
-    tokenizer, splits = runs.load_data(args)
-    if args.prepare:
-        if rank == 0:
-            print(", ".join(f"{k}: {tuple(v[0].shape)} codes" for k, v in splits.items()) + f" in {args.out_dir}/tokens/")
-        runs.teardown_ddp()
-        return splits
-    if Path(args.data_dir, "train").is_dir() and args.eval_samples:  # FID-cls's classifier knows Fashion-MNIST only
-        args.eval_samples = 0
-        if rank == 0:
-            print("an image folder: the table has test NLL and KL; FID: torchrun ... evaluate.py CKPT --features inception")
-    for run in runs.pipeline(args):
-        role = None if run is args else runs.ROLES["teacher" if run.out == args.teacher else run.method]
-        metrics = train(run, tokenizer, splits, role)
-    if rank == 0:  # the main job's table: every finished model in --out-dir, each measured once
-        student = runs.stage_args(args, "kd").init  # the no-KD student: the shipped one by default
-        paths = [args.teacher, student] + [f"{args.out_dir}/{m}/ckpt.pt" for m in runs.METHODS] + [args.out]
-        table(paths, tokenizer, *splits["test"][:2], args)
-    runs.teardown_ddp()
-    return metrics
+    chain = [] if args.prepare else runs.pipeline(args)
+    # every output checked before any work; one process at a time per checkpoint
+    flags = {run.out: "--out" if run is args else "--out-dir" for run in chain}
+    outputs = {f"{args.out_dir}/tokens/train.json": "--out-dir", **flags}
+    if args.tokenizer and not Path(args.tokenizer).exists():
+        outputs[args.tokenizer] = "--tokenizer"
+    for path, flag in outputs.items():
+        check_output(path, flag)
+    try:
+        with contextlib.ExitStack() as locks:
+            for path, flag in flags.items() if rank == 0 else ():
+                locks.enter_context(output_lock(path, flag))
+            return run_all(args, chain, rank)
+    except KeyboardInterrupt:  # outside a training loop: nothing half-written, every file is written atomically
+        raise SystemExit("interrupted before or after training, with nothing half-written: run the same command "
+                         "again to carry on") from None
 
 
 if __name__ == "__main__":

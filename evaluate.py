@@ -32,6 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from classifier import as_input, load_classifier
+from checks import check_output, count, existing_device, non_negative, output_lock, positive_int, ranged, read_checkpoint
 from data import WEIGHTS, atomic_write, beside, fingerprint, load_fashion_mnist, load_image_folder, save_grid
 from inception import InceptionV3, load_inception  # noqa: F401 (re-exported: evaluate.InceptionV3, evaluate.load_inception)
 from model import load_checkpoint
@@ -177,6 +178,19 @@ def draw(model, tokenizer, n, cfg_scale=2.0, batch_size=500, seed=0, rank=0, wor
     return torch.cat(images).numpy(), labels.cpu().numpy()
 
 
+MIN_SAMPLES = 4  # precision/recall's radius is the distance to the k-th (k = 3) other sample
+
+
+def read_png(path):
+    """One sample PNG -> uint8 (H, W, C), refused in one sentence if unreadable."""
+    try:
+        with Image.open(path) as im:
+            a = np.asarray(im)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{path} is not a readable PNG ({e}): delete or replace it") from None
+    return a[..., None] if a.ndim == 2 else a
+
+
 def load_target(target, args):
     """A checkpoint (samples drawn), an .npz (arr_0 images, arr_1 labels if present) or a folder
     of PNGs -> uint8 images (N, H, W, C), labels or None."""
@@ -185,24 +199,27 @@ def load_target(target, args):
         files = sorted(path.glob("*.png"))
         if not files:
             raise SystemExit(f"{path} holds no .png files: pass a folder of PNG samples, an .npz or a checkpoint")
-        images = np.stack([np.asarray(Image.open(f)) for f in tqdm(files, desc="reading PNGs")])
-        return (images[..., None] if images.ndim == 3 else images), None
+        images = [read_png(f) for f in tqdm(files, desc="reading PNGs")]
+        if len({im.shape for im in images}) > 1:
+            odd = next(f for f, im in zip(files, images) if im.shape != images[0].shape)
+            raise SystemExit(f"{path} holds PNGs of different shapes ({files[0].name} is {images[0].shape}, {odd.name} "
+                             f"{images[files.index(odd)].shape}): pass a folder of samples of one size and mode")
+        return np.stack(images), None
     if path.suffix == ".npz":
         try:
             npz = np.load(path)
-            images = npz["arr_0"]
+            images, labels = npz["arr_0"], (npz["arr_1"] if "arr_1" in npz else None)
         except Exception as e:
             raise SystemExit(f"{path} is not an .npz with uint8 images under arr_0 ({e}): save samples with "
                              f"np.savez(path, images) as ADM and LlamaGen do") from None
-        return (images[..., None] if images.ndim == 3 else images), (npz["arr_1"] if "arr_1" in npz else None)
+        if images.ndim not in (3, 4) or (labels is not None and labels.shape != images.shape[:1]):
+            raise SystemExit(f"{path} holds images {images.shape} and labels {None if labels is None else labels.shape}: "
+                             f"pass images (N, H, W[, C]) under arr_0 and N labels under arr_1")
+        return (images[..., None] if images.ndim == 3 else images), labels
     if not path.exists():
         raise SystemExit(f"no {path}: pass a checkpoint, an .npz of uint8 images or a folder of PNGs")
     tokenizer = load_tokenizer(args.tokenizer, image_size=args.image_size).to(args.device)
-    model = load_checkpoint(path, args.preset, tokenizer.cfg.grid_size).to(args.device)
-    made_with = torch.load(path, map_location="cpu", weights_only=True).get("fingerprints", {}).get("tokenizer")
-    if made_with not in (None, tokenizer.fingerprint):
-        raise SystemExit(f"{path} was trained on tokenizer {made_with}, not {args.tokenizer} ({tokenizer.fingerprint}): "
-                         f"pass the --tokenizer it was trained with")
+    model = load_checkpoint(path, args.preset, tokenizer.cfg.grid_size, tokenizer.fingerprint).to(args.device)
     return draw(model.eval(), tokenizer, args.num_samples, args.cfg_scale, seed=args.seed, rank=args.rank, world=args.world)
 
 
@@ -286,17 +303,32 @@ def held_out(model, codes, labels, teacher=None, batch_size=500):
     return out
 
 
+def metrics_entries(path):
+    """The entries of a metrics.json of ours ({target name: {"key": ..., figures}}), {} if none; a
+    foreign or damaged file is refused, never replaced."""
+    if not path.exists():
+        return {}
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        entries = None
+    if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+        raise SystemExit(f"{path} is not a metrics.json of evaluate.py (damaged, or another program's): move it "
+                         f"away, it is not overwritten")
+    return entries
+
+
 def save_metrics(target, key, line):
     """metrics.json beside the target holds one entry per target name."""
     path = Path(target).parent / "metrics.json"
-    entries = json.loads(path.read_text()) if path.exists() else {}
-    entries[Path(target).name] = {"key": key, **line}
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(entries, indent=1)))
+    with output_lock(path, "metrics.json"):
+        entries = metrics_entries(path)
+        entries[Path(target).name] = {"key": key, **line}
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(entries, indent=1)))
 
 
 def cached_metrics(target, key):
-    path = Path(target).parent / "metrics.json"
-    entry = json.loads(path.read_text()).get(Path(target).name, {}) if path.exists() else {}
+    entry = metrics_entries(Path(target).parent / "metrics.json").get(Path(target).name, {})
     return entry if entry.get("key") == key else None
 
 
@@ -311,7 +343,7 @@ def report(path, ckpt, tokenizer, test_codes, test_labels, teacher, teacher_fp, 
     if line is not None and shadow.with_suffix(".png").exists():
         return line
     device = test_codes.device
-    model = load_checkpoint(path).to(device).eval()
+    model = load_checkpoint(path, tokenizer=tokenizer.fingerprint).to(device).eval()
     classes = model.config.num_classes
     t0 = time.time()
     images, labels = draw(model, tokenizer, max(args.eval_samples, 10 * classes), args.eval_cfg, seed=args.seed)
@@ -341,8 +373,8 @@ def table(paths, tokenizer, test_codes, test_labels, args):
     test_codes, test_labels = test_codes.to(device), test_labels.to(device)
     teacher, teacher_fp = None, ""
     if Path(args.teacher).exists():
-        teacher = load_checkpoint(args.teacher, args.teacher_preset, tokenizer.cfg.grid_size).to(device)
-        teacher_fp = torch.load(args.teacher, map_location="cpu", weights_only=True).get("fingerprint", "")
+        teacher = load_checkpoint(args.teacher, args.teacher_preset, tokenizer.cfg.grid_size, tokenizer.fingerprint)
+        teacher, teacher_fp = teacher.to(device), teacher.fingerprint
     if args.eval_samples > 0:
         load_extractor("cls", args.data_dir, None, device)  # refused if missing, before the table
     cols = ("FID-cls", "KID-cls", "precision-cls", "recall-cls", "IS-cls", "class_acc-cls")
@@ -352,7 +384,7 @@ def table(paths, tokenizer, test_codes, test_labels, args):
     for path in dict.fromkeys(str(p) for p in paths):
         if not Path(path).exists():
             continue
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(path)
         if "metrics" not in ckpt or ckpt["step"] != ckpt["args"]["max_iters"]:
             continue  # unfinished, or not trained here (a LlamaGen teacher: no figures recorded)
         m = lines[path] = report(path, ckpt, tokenizer, test_codes, test_labels, teacher, teacher_fp, args)
@@ -372,23 +404,25 @@ def main(argv=None):
     p.add_argument("--features", default="cls", choices=["cls", "inception"], help="cls: the in-domain "
                    "classifier (FID-cls, offline); inception: the FID Inception (FID) (default: cls)")
     # not --n: torchrun's parser would take it for an abbreviation of one of its own flags
-    p.add_argument("--num-samples", type=int, default=10000, help="samples drawn from a checkpoint, class-balanced, "
-                   "split over the ranks under torchrun (default: 10000; ImageNet: 50000)")
-    p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance of the samples, "
-                   "as LlamaGen's --cfg-scale (default: 2.0)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--num-samples", type=ranged(int, MIN_SAMPLES), default=10000, help="samples drawn from a checkpoint, "
+                   f"class-balanced, split over the ranks under torchrun, >= {MIN_SAMPLES} (default: 10000; ImageNet: 50000)")
+    p.add_argument("--cfg-scale", type=non_negative, default=2.0, help="classifier-free guidance of the samples, "
+                   ">= 0, as LlamaGen's --cfg-scale (default: 2.0)")
+    p.add_argument("--seed", type=count, default=0, help="sampling seed, >= 0 (default: 0)")
     p.add_argument("--ref", help="real reference: an .npz with mu/sigma (e.g. ADM's VIRTUAL_imagenet256_labeled.npz) "
                    "and/or arr_0 images, or an image folder (default: the Fashion-MNIST test split)")
     p.add_argument("--tokenizer", default=str(WEIGHTS / "tokenizer.pt"), help="the checkpoint's tokenizer "
                    "(default: the shipped one, weights/tokenizer.pt)")
     p.add_argument("--preset", help="preset of a checkpoint without a config, e.g. B for LlamaGen's c2i_B_256.pt")
-    p.add_argument("--image-size", type=int, help="the tokenizer's image side, e.g. 384 (default: its own)")
+    p.add_argument("--image-size", type=positive_int, help="the tokenizer's image side, e.g. 384 (default: its own)")
     p.add_argument("--out-dir", default="out", help="where reference features are cached (default: out)")
     p.add_argument("--data-dir", default="data", help="Fashion-MNIST folder (default: data, then the Debian package's)")
     p.add_argument("--inception-weights", help="pt_inception-2015-12-05-6726825d.pth (default: downloaded once)")
     p.add_argument("--save-npz", help="also write the drawn samples here (arr_0 images, arr_1 labels), for "
-                   "other evaluators")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                   "other evaluators; an existing file needs --force")
+    p.add_argument("--force", action="store_true", help="replace an existing --save-npz (never a checkpoint)")
+    p.add_argument("--device", type=existing_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="a device this machine has (default: cuda if available)")
     args = p.parse_args(argv)
     args.rank, args.world = 0, 1
     if "RANK" in os.environ:  # torchrun: each rank draws and scores its share, rank 0 reports
@@ -399,10 +433,22 @@ def main(argv=None):
         args.rank, args.world = dist.get_rank(), dist.get_world_size()
     if args.save_npz and args.world > 1:
         p.error("--save-npz writes one file from one process: run without torchrun, or drop it")
+    if args.save_npz and not args.save_npz.endswith(".npz"):
+        p.error(f"--save-npz {args.save_npz}: name it .npz (numpy would add the suffix and write elsewhere)")
+    # the outputs, checked before any work
+    if args.save_npz:
+        check_output(args.save_npz, "--save-npz", args.force, kind="array")
+    metrics_json = beside(args.target, args.out_dir).parent / "metrics.json"
+    check_output(metrics_json, "the target's")
+    metrics_entries(metrics_json)  # a foreign one is refused now, not after the work
+    check_output(Path(args.out_dir, "ref", "features.npz"), "--out-dir")
     t0 = time.time()
     images, labels = load_target(args.target, args)
     saved = Path(args.target).is_dir() or Path(args.target).suffix == ".npz"
     n = len(images) if saved else args.num_samples
+    if n < MIN_SAMPLES:
+        raise SystemExit(f"{args.target} holds {n} images, too few to score: pass at least {MIN_SAMPLES} (FID and "
+                         f"friends want thousands)")
     if saved:  # each rank scores its share of saved samples; a checkpoint's are drawn per rank
         images, labels = images[args.rank::args.world], None if labels is None else labels[args.rank::args.world]
     result = evaluate_images(images, labels, args.features, args.out_dir, args.data_dir, args.inception_weights,
@@ -422,4 +468,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # metrics.json, the reference features and --save-npz are written atomically
+        raise SystemExit("interrupted: nothing was half-written; run the same command again") from None

@@ -10,12 +10,13 @@ checkpoints (c2i_B_256.pt, c2i_L_256.pt, ...) load with strict=True:
 The sequence is [class token, code 0, ..., code T-2]; logits[:, t] predicts code t. Decoding
 follows gpt-fast: setup_cache(), prefill() the class (and any known codes), then decode().
 """
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from checks import read_checkpoint, weights_fingerprint
 
 
 @dataclass
@@ -264,24 +265,28 @@ class GPT(nn.Module):
         return self._transformer(self.tok_embeddings(codes), start + 1)
 
 
-def load_checkpoint(path, preset=None, grid_size=None):
-    """A GPT in eval mode on the CPU, from one of our checkpoints or a LlamaGen c2i one.
+def load_checkpoint(path, preset=None, grid_size=None, tokenizer=None):
+    """A GPT in eval mode on the CPU, from one of our checkpoints or a LlamaGen c2i one, with
+    .fingerprint, the fingerprint of its weights (checks.read_checkpoint verified the recorded one).
 
     Ours hold {"model": state_dict, "config": GPTConfig fields, ...}. LlamaGen's hold {"model":
     state_dict} (a bare state dict is accepted too) and need `preset`; their vocabulary and class
     count are read from the embedding shapes and grid_size defaults to 16 (256 px, 16x downsampling).
+    tokenizer: the fingerprint of the tokenizer the caller decodes with; one of our checkpoints
+    trained on another is refused.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"no checkpoint at {path}: check the path, or train one first")
     if preset is not None and preset not in PRESETS:
         raise SystemExit(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"{path} is not a readable checkpoint ({e}): pass one saved by torch.save") from None
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
+    ckpt = read_checkpoint(path, "GPT checkpoint", "pass a checkpoint written by distill.py (or LlamaGen's c2i)")
+    if isinstance(ckpt.get("config"), dict) and set(ckpt["config"]) - {f.name for f in fields(GPTConfig)}:
+        raise SystemExit(f"{path} is not a GPT checkpoint (a tokenizer's or another model's config): pass it where "
+                         f"that file belongs, e.g. --tokenizer, and a checkpoint of distill.py here")
+    made_with = ckpt.get("fingerprints", {}).get("tokenizer") if isinstance(ckpt.get("fingerprints"), dict) else None
+    if tokenizer is not None and made_with not in (None, tokenizer):
+        raise SystemExit(f"{path} was trained on tokenizer {made_with}, not on this one ({tokenizer}): pass the "
+                         f"--tokenizer it was trained with")
+    state = ckpt.get("model", ckpt)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SystemExit(f"{path} holds no state dict: pass a GPT checkpoint")
     # LlamaGen's files may carry the RoPE table and cache buffers; they are rebuilt here, not loaded
     dropped = ("freqs_cis", "kv_cache", "causal_mask")
@@ -326,4 +331,5 @@ def load_checkpoint(path, preset=None, grid_size=None):
             f"pass the preset it was trained with"
         )
     model.load_state_dict(state, strict=True)
+    model.fingerprint = ckpt.get("fingerprint") or weights_fingerprint(model.state_dict())
     return model.eval()

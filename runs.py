@@ -18,7 +18,9 @@ import torch
 import torch.distributed as dist
 
 import tokenizer as tok
-from data import WEIGHTS, atomic_write, fingerprint, prepare_tokens
+from checks import (check_output, count, existing_device, fraction, fraction_range, non_negative, positive,
+                    positive_int, read_checkpoint, weights_fingerprint as state_fingerprint)
+from data import WEIGHTS, atomic_write, prepare_tokens
 from model import GPT, PRESETS, GPTConfig, load_checkpoint
 
 METHODS = ("ce", "kd", "seqkd", "onpolicy", "varkd")
@@ -67,7 +69,7 @@ def parser(description=None):
                    "parents live under <out-dir>/grid14/, built there if missing) (default: 7)")
     p.add_argument("--flip", action="store_true", help="Fashion-MNIST: train on the mirror images too, as "
                    "LlamaGen extracts ImageNet (default: off; measured worse here: footwear faces one way)")
-    p.add_argument("--image-size", type=int, help="side of the images the tokenizer encodes, e.g. 384 for "
+    p.add_argument("--image-size", type=positive_int, help="side of the images the tokenizer encodes, e.g. 384 for "
                    "LlamaGen's 384-px models (default: the tokenizer's own, 256 for VQ-16)")
     p.add_argument("--tokenizer", help="tokenizer checkpoint, trained if missing (default: the shipped one, "
                    "weights/tokenizer.pt; an image folder needs its own)")
@@ -79,64 +81,66 @@ def parser(description=None):
                    "kd: weights/student.pt with the shipped tokenizer, else <out-dir>/ce/ckpt.pt; <out-dir>/kd/ckpt.pt "
                    "for seqkd/onpolicy/varkd: the paper's two stages; 'none' = scratch)")
     kd = p.add_argument_group("distillation (defaults: the paper's settings where it gives them)")
-    kd.add_argument("--tau", type=float, default=1.0, help="kd/seqkd temperature (default: 1.0)")
-    kd.add_argument("--ce-weight", type=float, default=0.0, help="adds this x next-code CE on the data "
-                    "positions; the paper uses none (default: 0)")
-    kd.add_argument("--lam", type=float, help="fraction of steps on student rollouts, else data (default: "
+    kd.add_argument("--tau", type=positive, default=1.0, help="kd/seqkd temperature, > 0 (default: 1.0)")
+    kd.add_argument("--ce-weight", type=non_negative, default=0.0, help="adds this x next-code CE on the data "
+                    "positions, >= 0; the paper uses none (default: 0)")
+    kd.add_argument("--lam", type=fraction, help="fraction of steps on student rollouts, else data, in [0, 1] (default: "
                     "0.1 for onpolicy as GKD; 1.0 for varkd, our choice: the paper is silent)")
-    kd.add_argument("--beta", type=float, help="generalized JSD beta, 0 forward KL, 1 reverse KL (default: "
+    kd.add_argument("--beta", type=fraction, help="generalized JSD beta in [0, 1], 0 forward KL, 1 reverse KL (default: "
                     "0.5 for onpolicy as GKD; 1.0 for varkd, the reverse KL of the paper)")
     kd.add_argument("--supervise", choices=["all", "sampled"], help="on a rollout, supervise every position, "
                     "the real prefix included, or only the student-sampled ones (default: all for onpolicy, as "
                     "GKD scores whole sequences; sampled for varkd, the student contexts it is about)")
-    kd.add_argument("--prefix-frac", default="0.25,0.75", help="real prefix length range as fractions of T "
-                    "(default: 0.25,0.75)")
-    kd.add_argument("--threshold", type=float, default=0.1, help="varkd truncation threshold on alpha "
-                    "(default: 0.1)")
+    kd.add_argument("--prefix-frac", type=fraction_range, default="0.25,0.75", help="real prefix length range as "
+                    "fractions lo,hi of T, 0 <= lo <= hi < 1 (default: 0.25,0.75)")
+    kd.add_argument("--threshold", type=fraction, default=0.1, help="varkd truncation threshold on alpha, in "
+                    "[0, 1] (default: 0.1)")
     kd.add_argument("--no-entropy-weights", action="store_true", help="varkd ablation: alpha_t = 1")
     kd.add_argument("--no-truncation", action="store_true", help="varkd ablation: keep positions after a low alpha")
     kd.add_argument("--no-groups", action="store_true", help="varkd ablation: no codebook relaxation")
-    kd.add_argument("--groups", type=int, help="codebook groups (default: |V|/4)")
+    kd.add_argument("--groups", type=positive_int, help="codebook groups, 1 to |V| (default: |V|/4)")
     kd.add_argument("--no-parallel", action="store_true", help="varkd ablation: sequential rollouts, not ZipAR")
-    kd.add_argument("--window", type=int, default=4, help="ZipAR window: a row starts when the row above is "
-                    "this many codes in (default: 4)")
-    kd.add_argument("--pool-size", type=int, default=8192, help="seqkd: teacher samples per pool (default: 8192)")
-    kd.add_argument("--pool-refresh", type=int, default=250, help="seqkd: steps between new pools; at batch 128 "
+    kd.add_argument("--window", type=positive_int, default=4, help="ZipAR window: a row starts when the row above "
+                    "is this many codes in, >= 1 (default: 4)")
+    kd.add_argument("--pool-size", type=positive_int, default=8192, help="seqkd: teacher samples per pool, >= 1 "
+                    "(default: 8192)")
+    kd.add_argument("--pool-refresh", type=positive_int, default=250, help="seqkd: steps between new pools, >= 1; at batch 128 "
                     "each sample is seen about 4 times (default: 250)")
-    kd.add_argument("--pool-cfg", type=float, default=1.0, help="seqkd: CFG scale of the teacher's samples "
-                    "(default: 1.0, the teacher's own distribution)")
-    p.add_argument("--max-iters", type=int, help="optimizer steps of this run and of the student runs "
+    kd.add_argument("--pool-cfg", type=non_negative, default=1.0, help="seqkd: CFG scale of the teacher's samples, "
+                    ">= 0 (default: 1.0, the teacher's own distribution)")
+    p.add_argument("--max-iters", type=positive_int, help="optimizer steps (>= 1) of this run and of the student runs "
                    "the pipeline builds first (default: --teacher-iters for the teacher, 12000 for ce as the "
                    "shipped student, 400 otherwise)")
     p.add_argument("--teacher-size", default="teacher", help="preset of the teacher the pipeline trains when "
                    "--teacher is missing (default: teacher)")
-    p.add_argument("--teacher-iters", type=int, default=3000, help="its optimizer steps (default: 3000, the "
+    p.add_argument("--teacher-iters", type=positive_int, default=3000, help="its optimizer steps, >= 1 (default: 3000, the "
                    "shipped teacher's)")
-    p.add_argument("--batch-size", type=int, default=128, help="sequences per step (default: 128)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3 for ce, from scratch; 1e-3 "
+    p.add_argument("--batch-size", type=positive_int, default=128, help="sequences per step, >= 1 (default: 128)")
+    p.add_argument("--lr", type=positive, help="peak learning rate, > 0 (default: 3e-3 for ce, from scratch; 1e-3 "
                    "for the KD methods, which start from a trained student)")
-    p.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine floor as a fraction of "
-                   "--lr (default: 0.1)")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: 100)")
+    p.add_argument("--min-lr-frac", type=fraction, default=0.1, help="cosine floor as a fraction of "
+                   "--lr, in [0, 1] (default: 0.1)")
+    p.add_argument("--warmup", type=count, default=100, help="linear warm-up steps, >= 0 (default: 100)")
     p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"],
                    help="learning-rate schedule after warm-up (default: cosine)")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW decay on matrices "
+    p.add_argument("--weight-decay", type=non_negative, default=0.05, help="AdamW decay on matrices, >= 0 "
                    "(default: 0.05, LlamaGen's)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (default: 1.0)")
-    p.add_argument("--eval-interval", type=int, default=250, help="steps between held-out NLL "
-                   "evaluations (default: 250)")
-    p.add_argument("--eval-seqs", type=int, default=2000, help="test sequences for the periodic "
-                   "NLL; the final one uses the whole split (default: 2000)")
-    p.add_argument("--ckpt-interval", type=int, default=250, help="steps between checkpoints "
+    p.add_argument("--grad-clip", type=positive, default=1.0, help="max gradient norm, > 0 (default: 1.0)")
+    p.add_argument("--eval-interval", type=positive_int, default=250, help="steps between held-out NLL "
+                   "evaluations, >= 1 (default: 250)")
+    p.add_argument("--eval-seqs", type=positive_int, default=2000, help="test sequences for the periodic "
+                   "NLL, >= 1; the final one uses the whole split (default: 2000)")
+    p.add_argument("--ckpt-interval", type=positive_int, default=250, help="steps between checkpoints, >= 1 "
                    "(default: 250)")
-    p.add_argument("--eval-samples", type=int, default=5000, help="samples per model for the final table's "
-                   "FID-cls and friends, 0 = none (default: 5000)")
-    p.add_argument("--eval-cfg", type=float, default=2.0, help="their classifier-free guidance (default: 2.0)")
+    p.add_argument("--eval-samples", type=count, default=5000, help="samples per model for the final table's "
+                   "FID-cls and friends, >= 0, 0 = none (default: 5000)")
+    p.add_argument("--eval-cfg", type=non_negative, default=2.0, help="their classifier-free guidance, >= 0 "
+                   "(default: 2.0)")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run at --out (with "
                    "the flags it was started with); the parents the pipeline builds are always continued")
-    p.add_argument("--seed", type=int, default=0, help="seed of init, data order and dropout (default: 0)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--seed", type=count, default=0, help="seed of init, data order and dropout, >= 0 (default: 0)")
+    p.add_argument("--device", type=existing_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda, one this machine has (default: cuda if available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off for "
                    "runs of several minutes)")
     return p
@@ -170,8 +174,6 @@ def get_args(argv=None, p=None, **stage):
     for key, value in DEFAULTS[args.method].items():
         if getattr(args, key) is None:
             setattr(args, key, value.format(out_dir=args.out_dir, student=student) if isinstance(value, str) else value)
-    if isinstance(args.prefix_frac, str):
-        args.prefix_frac = tuple(float(x) for x in args.prefix_frac.split(","))
     args.shared = {**{k: getattr(args, k) for k in SHARED}, "max_iters": max_iters}
     return args
 
@@ -252,22 +254,22 @@ def load_parent(path, role, fingerprints, device, preset, tokenizer):
     """A teacher or starting student (ours, or LlamaGen's with its preset), refused unless built on
     the same tokenizer and data. Returns the model, its weights' fingerprint and its recorded test
     NLL and KL when they were measured against this run's teacher."""
+    flag = "teacher" if role == "teacher" else "init"
     if not Path(path).exists():
-        flag = "teacher" if role == "teacher" else "init"
         raise SystemExit(f"no {role} at {path}: pass an existing checkpoint as --{flag}, or drop --{flag} "
                          f"and the pipeline builds one")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path, f"{role} checkpoint (--{flag})", f"pass a checkpoint of distill.py as --{flag}")
     theirs = ckpt.get("fingerprints", {})
     for key in ("tokenizer", "data"):
         if key in theirs and theirs[key] != fingerprints[key]:
             raise SystemExit(f"the {role} {path} was built on {key} {theirs[key]}, not on this run's "
                              f"{fingerprints[key]}: retrain it, or pass the --tokenizer it was built with")
     # a preset builds a checkpoint without a config (LlamaGen's); ours record their config and fingerprint
-    model = load_checkpoint(path, None if "config" in ckpt else preset, tokenizer.cfg.grid_size)
+    model = load_checkpoint(path, None if "config" in ckpt else preset, tokenizer.cfg.grid_size, tokenizer.fingerprint)
     if model.config.vocab_size != tokenizer.cfg.codebook_size:
         raise SystemExit(f"the {role} {path} predicts {model.config.vocab_size} codes, the tokenizer has "
                          f"{tokenizer.cfg.codebook_size}: pass the --tokenizer it was trained with")
-    weights_fp = ckpt.get("fingerprint") or fingerprint(*(v.numpy() for v in model.state_dict().values()))
+    weights_fp = model.fingerprint
     measured = ckpt.get("metrics", {}) if theirs.get("teacher", 0) == fingerprints.get("teacher") else {}
     return model.to(device), weights_fp, {k: measured[k] for k in ("test_nll", "test_kl") if k in measured}
 
@@ -278,12 +280,11 @@ def existing_run(args, fingerprints, config, role):
     pipeline needs is continued with the flags it was started with."""
     if not Path(args.out).exists():
         return None
-    try:
-        ckpt = torch.load(args.out, map_location="cpu", weights_only=True)
-        theirs = ckpt["fingerprints"]
-    except Exception:
-        raise SystemExit(f"{args.out} exists and is not a checkpoint of distill.py: pass --out elsewhere "
-                         f"(nothing is overwritten)") from None
+    fix = "pass --out elsewhere (nothing is overwritten)"
+    ckpt = read_checkpoint(args.out, "checkpoint of distill.py", fix)
+    if not all(k in ckpt for k in ("fingerprints", "config", "args", "step", "model", "optimizer", "rng")):
+        raise SystemExit(f"{args.out} exists and is not a checkpoint of distill.py (it cannot be continued): {fix}")
+    theirs = ckpt["fingerprints"]
     for key in sorted(set(theirs) | set(fingerprints)):
         if theirs.get(key) != fingerprints.get(key):
             raise SystemExit(f"{args.out} was built from another {key} ({theirs.get(key)}, now "
@@ -317,7 +318,7 @@ def open_run(args, tokenizer, splits, role=None):
     config = GPTConfig(**PRESETS[args.size], vocab_size=tokenizer.cfg.codebook_size,
                        num_classes=int(train_labels.max()) + 1, grid_size=tokenizer.cfg.grid_size)
     if role is not None and Path(args.out).exists():  # a parent keeps the inputs it was started with
-        started = torch.load(args.out, map_location="cpu", weights_only=True).get("args", {})
+        started = read_checkpoint(args.out, "checkpoint of distill.py", "pass --out elsewhere").get("args", {})
         args = argparse.Namespace(**{**vars(args), **{k: started[k] for k in ("init", "teacher", "teacher_preset")
                                                       if k in started}})
     teacher = init = None
@@ -344,6 +345,8 @@ def open_run(args, tokenizer, splits, role=None):
             print(f"{role or args.method} {args.out}: built ({args.method}, {ckpt['step']} steps), reusing it")
         run.done, run.metrics = True, ckpt["metrics"]
         return run
+    if args.groups and args.groups > config.vocab_size:
+        raise SystemExit(f"--groups {args.groups} is more than the {config.vocab_size} codes: pass 1 to {config.vocab_size}")
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} does not split over {world} processes: pass a multiple of {world}")
     run.model = GPT(config).to(device)
@@ -373,7 +376,7 @@ def open_run(args, tokenizer, splits, role=None):
 
 
 def weights_fingerprint(model):
-    return fingerprint(*(v.cpu().numpy() for v in model.state_dict().values()))
+    return state_fingerprint(model.state_dict())
 
 
 def check_ranks_agree(model, world):
@@ -388,9 +391,10 @@ def export(src, dst):
     """A finished checkpoint without its optimizer state and RNG (a third of the size): what weights/
     ships. It still records its config, flags, fingerprints and figures; it cannot be continued."""
     if Path(dst).exists():
-        raise SystemExit(f"{dst} exists: delete it first to replace it")
-    ckpt = torch.load(src, map_location="cpu", weights_only=True)
-    if "metrics" not in ckpt or ckpt["step"] != ckpt["args"]["max_iters"]:
+        raise SystemExit(f"{dst} exists: delete it first to replace it, or pass another DST to --export")
+    check_output(dst, "--export")
+    ckpt = read_checkpoint(src, "checkpoint of distill.py", "pass a finished run's checkpoint to --export")
+    if "metrics" not in ckpt or ckpt.get("step") != ckpt.get("args", {}).get("max_iters"):
         raise SystemExit(f"{src} is not a finished run of ours: only finished runs are exported")
     atomic_write(dst, lambda tmp: torch.save({k: v for k, v in ckpt.items() if k not in ("optimizer", "rng")}, tmp))
     print(f"{src} -> {dst}: {Path(dst).stat().st_size / 1e6:.2f} MB, test NLL {ckpt['metrics']['test_nll']:.4f}")

@@ -10,6 +10,7 @@ distill.py, beside the losses they feed.)
     python sample.py --ckpt c2i_B_256.pt --preset B --tokenizer vq_ds16_c2i.pt --classes 207,360,387
 """
 import argparse
+import contextlib
 import copy
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from checks import check_output, count, existing_device, fraction, int_list, non_negative, output_lock, positive_int, ranged
 from data import WEIGHTS, atomic_write, beside, save_grid
 from model import PRESETS, load_checkpoint
 from tokenizer import load_tokenizer
@@ -263,44 +265,63 @@ def main(argv=None):
     p.add_argument("--draft", help="a smaller GPT on the same codes, e.g. out/varkd/ckpt.pt: speculative sampling, "
                    "the same images' distribution in fewer calls of --ckpt (default: none)")
     p.add_argument("--draft-preset", choices=list(PRESETS), help="model shape of a LlamaGen --draft")
-    p.add_argument("--gamma", type=int, default=4, help="codes drafted per round (default: 4)")
-    p.add_argument("--relax-delta", type=float, default=0.0,
+    p.add_argument("--gamma", type=positive_int, default=4, help="codes drafted per round, >= 1 (default: 4)")
+    p.add_argument("--relax-delta", type=fraction, default=0.0,
                    help="LANTERN's relaxed acceptance: up to this much probability moved onto a drafted code "
-                        "from its codebook group; 0 = exact (default: 0)")
-    p.add_argument("--batch-size", type=int, help="images per call (default: all at once; with --draft: 1)")
-    p.add_argument("--groups", type=int, help="codebook groups of --relax-delta (default: |V|/4, as VarKD)")
+                        "from its codebook group, in [0, 1]; 0 = exact (default: 0)")
+    p.add_argument("--batch-size", type=positive_int, help="images per call, >= 1 (default: all at once; with --draft: 1)")
+    p.add_argument("--groups", type=positive_int, help="codebook groups of --relax-delta, 1 to |V| (default: |V|/4, as VarKD)")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="model shape, needed only for LlamaGen checkpoints (default: from the checkpoint)")
     p.add_argument("--tokenizer", default=str(WEIGHTS / "tokenizer.pt"),
                    help="tokenizer checkpoint that decodes the codes (default: the shipped one, weights/tokenizer.pt)")
-    p.add_argument("--image-size", type=int, help="the tokenizer's image side, e.g. 384 for LlamaGen's "
+    p.add_argument("--image-size", type=positive_int, help="the tokenizer's image side, e.g. 384 for LlamaGen's "
                    "c2i_*_384.pt (default: the tokenizer's own)")
     p.add_argument("--out", default=None,
                    help="PNG to write (default: <ckpt without .pt>_samples.png beside the checkpoint; "
-                   "out/weights/<name>_samples.png for a shipped one)")
-    p.add_argument("--classes", default=None, type=lambda s: [int(c) for c in s.split(",")],
+                   "out/weights/<name>_samples.png for a shipped one); an existing file needs --force")
+    p.add_argument("--force", action="store_true", help="replace an existing --out or --npz (never a checkpoint)")
+    p.add_argument("--classes", default=None, type=int_list,
                    help="comma-separated class ids, one row each (default: every class)")
-    p.add_argument("--per-class", type=int, default=8, help="images per class, one row (default: 8)")
+    p.add_argument("--per-class", type=positive_int, default=8, help="images per class, one row, >= 1 (default: 8)")
     # LlamaGen samples GPT-B/L at 2.0; guidance trades diversity for class fidelity and a small
     # model with a weak class signal needs it at least as much
-    p.add_argument("--cfg-scale", type=float, default=2.0,
-                   help="classifier-free guidance scale, 1 = off (default: 2.0)")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="softmax temperature, 0 = greedy (default: 1.0)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely codes, 0 = all (default: 0)")
-    p.add_argument("--top-p", type=float, default=1.0,
-                   help="nucleus: keep the most likely codes holding this probability mass, 1 = all "
+    p.add_argument("--cfg-scale", type=non_negative, default=2.0,
+                   help="classifier-free guidance scale, >= 0, 1 = off (default: 2.0)")
+    p.add_argument("--temperature", type=non_negative, default=1.0,
+                   help="softmax temperature, >= 0, 0 = greedy (default: 1.0)")
+    p.add_argument("--top-k", type=count, default=0, help="keep the k most likely codes, >= 0, 0 = all (default: 0)")
+    p.add_argument("--top-p", type=ranged(float, 0, 1, low_open=True), default=1.0,
+                   help="nucleus: keep the most likely codes holding this probability mass, in (0, 1], 1 = all "
                         "(default: 1.0)")
     p.add_argument("--npz", help="also write every sample and its label to this .npz (arr_0, arr_1), e.g. "
                    "--per-class 500 for evaluate.py (the grid shows 16 per class at most)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=count, default=0, help="random seed, >= 0 (default: 0)")
     p.add_argument("--no-kv-cache", action="store_true",
                    help="recompute the whole prefix at every step: slow, for checking (default: off)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument("--device", type=existing_device, default="cpu", help="torch device this machine has, e.g. cuda (default: cpu)")
     args = p.parse_args(argv)
+    idle = [flag for flag, given in (("--relax-delta", args.relax_delta), ("--groups", args.groups),
+                                     ("--draft-preset", args.draft_preset)) if given]
+    if idle and not args.draft:
+        p.error(f"{', '.join(idle)} only apply to speculative sampling: pass --draft CKPT, or drop them")
+    if args.npz and not args.npz.endswith(".npz"):
+        p.error(f"--npz {args.npz}: name it .npz (numpy would add the suffix and write elsewhere)")
+    out = Path(args.out) if args.out else beside(args.ckpt).with_name(Path(args.ckpt).stem + "_samples.png")
+    check_output(out, "--out", args.force, kind="image")
+    if args.npz:
+        check_output(args.npz, "--npz", args.force, kind="array")
+    with output_lock(out), (output_lock(args.npz, "--npz") if args.npz else contextlib.nullcontext()):
+        try:
+            return draw_and_save(args, out)
+        except KeyboardInterrupt:
+            raise SystemExit(f"interrupted: nothing written to {out}") from None
 
+
+def draw_and_save(args, out):
+    """sample.py's work once its flags and outputs are checked: load, draw, write the grid (and .npz)."""
     tokenizer = load_tokenizer(args.tokenizer, image_size=args.image_size).to(args.device)
-    model = load_checkpoint(args.ckpt, args.preset, tokenizer.cfg.grid_size).to(args.device)
+    model = load_checkpoint(args.ckpt, args.preset, tokenizer.cfg.grid_size, tokenizer.fingerprint).to(args.device)
     config = model.config
     classes = args.classes or list(range(config.num_classes))
     if not all(0 <= c < config.num_classes for c in classes):
@@ -312,9 +333,11 @@ def main(argv=None):
     filters = dict(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    generator=generator)
     if args.draft:
-        draft = load_checkpoint(args.draft, args.draft_preset, tokenizer.cfg.grid_size).to(args.device)
-        if args.gamma < 1:
-            raise SystemExit(f"--gamma {args.gamma}: draft at least one code per round")
+        draft = load_checkpoint(args.draft, args.draft_preset, tokenizer.cfg.grid_size, tokenizer.fingerprint)
+        draft = draft.to(args.device)
+        if args.groups and args.groups > config.vocab_size:
+            raise SystemExit(f"--groups {args.groups} is more than the {config.vocab_size} codes: pass 1 to "
+                             f"{config.vocab_size}")
         groups = tokenizer.codebook_groups(args.groups or config.vocab_size // 4).to(args.device) \
             if args.relax_delta else None
         # the rows of a batch advance together, by the shortest run of accepted drafts: speculative
@@ -342,7 +365,6 @@ def main(argv=None):
     images = torch.as_tensor(images).cpu().numpy()
     seconds = time.perf_counter() - start
 
-    out = Path(args.out) if args.out else beside(args.ckpt).with_name(Path(args.ckpt).stem + "_samples.png")
     save_grid(images.reshape(len(classes), args.per_class, *images.shape[1:])[:, :16], out)  # 16 per class at most
     if args.npz:  # every sample, for evaluate.py (ADM's and LlamaGen's layout)
         atomic_write(args.npz, lambda tmp: np.savez(tmp, images, labels.cpu().numpy()))

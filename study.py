@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import runs
+from checks import int_list, positive_int
 from data import CLASSES, atomic_write
 from distill import train
 from evaluate import draw, table
@@ -93,7 +94,7 @@ def run(args, tokenizer, splits, seeds):
                          argparse.Namespace(**{**vars(args), "seed": seed}))
         lines[("teacher", seed)] = measured[args.teacher]
         seed_runs = [("ce", argparse.Namespace(out=student))] + seed_runs
-        spec = speculative(args, seed_runs, seed)
+        spec = speculative(args, tokenizer, seed_runs, seed)
         lines.update({(name, seed): {**measured[r.out], **spec.get(name, {})} for name, r in seed_runs})
     if rank > 0:
         return None
@@ -110,7 +111,7 @@ def run(args, tokenizer, splits, seeds):
     return results
 
 
-def speculative(args, seed_runs, seed, gamma=4):
+def speculative(args, tokenizer, seed_runs, seed, gamma=4):
     """The DRAFTS of a seed drafting for the teacher: acceptance, codes per teacher call, speed-up and
     draft cost at one image per call, on eval_samples / 100 images (at least one per class). Kept in
     seed<s>/speculative.json and measured again only for a checkpoint (or teacher) that changed."""
@@ -120,11 +121,11 @@ def speculative(args, seed_runs, seed, gamma=4):
     stamp = {name: [os.stat(r.out).st_mtime_ns, os.stat(args.teacher).st_mtime_ns] for name, r in drafts}
     todo = {name: r.out for name, r in drafts if saved.get(name, {}).get("stamp") != stamp[name]}
     if todo:
-        teacher = load_checkpoint(args.teacher).to(args.device)
+        teacher = load_checkpoint(args.teacher, tokenizer=tokenizer.fingerprint).to(args.device)
         classes = teacher.config.num_classes
         labels = torch.arange(max(args.eval_samples // 100, classes), device=args.device) % classes
         print(f"speculative sampling, {len(labels)} images one at a time: {', '.join(todo)} drafting for the teacher")
-        figures = speculative_speed(teacher, {n: load_checkpoint(p).to(args.device) for n, p in todo.items()},
+        figures = speculative_speed(teacher, {n: load_checkpoint(p, tokenizer=tokenizer.fingerprint).to(args.device) for n, p in todo.items()},
                                     labels, gamma, seed=seed, cfg_scale=args.eval_cfg)
         saved |= {n: {"stamp": stamp[n], **{f"spec_{k}": v for k, v in figures[n].items() if k != "seconds"}}
                   for n in todo}
@@ -165,7 +166,7 @@ def summarise(lines, seeds, args):
             if r["name"] != "kd_cont":
                 m = r["FID-cls"]
                 r["beats_kd_cont"] = base["mean"] - m["mean"] > max(base["std"], m["std"])
-    return {"command": f"python study.py --seeds {args.seeds} --kd-iters {args.kd_iters} --study-iters {args.study_iters}",
+    return {"command": f"python study.py --seeds {','.join(map(str, args.seeds))} --kd-iters {args.kd_iters} --study-iters {args.study_iters}",
             "ce_iters": lines[("ce", seeds[0])]["steps"], "kd_iters": args.kd_iters, "study_iters": args.study_iters,
             "eval_samples": args.eval_samples, "eval_cfg": args.eval_cfg, "rows": rows,
             "wall_time_training": sum(line.get("wall_time", 0.0) for line in lines.values()),
@@ -215,7 +216,7 @@ def compare_image(paths, names, tokenizer, path, cfg_scale, device, per_class=2,
     every row: the differences between methods at a glance."""
     rows = []
     for ckpt in paths:
-        model = load_checkpoint(ckpt).to(device).eval()
+        model = load_checkpoint(ckpt, tokenizer=tokenizer.fingerprint).to(device).eval()
         classes = model.config.num_classes
         images, _ = draw(model, tokenizer, per_class * classes, cfg_scale, seed=seed)  # labels cycle the classes
         rows.append(images)  # (per_class * classes, H, W, C), image i of class i % classes
@@ -236,15 +237,14 @@ def compare_image(paths, names, tokenizer, path, cfg_scale, device, per_class=2,
 
 def main(argv=None):
     p = runs.parser(__doc__)
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one set of runs each (default: 0,1,2)")
-    p.add_argument("--kd-iters", type=int, default=400, help="stage-1 KD steps from the no-KD student (default: 400)")
-    p.add_argument("--study-iters", type=int, default=400, help="stage-2 steps of every row from the stage-1 KD "
-                   "checkpoint (default: 400)")
+    p.add_argument("--seeds", type=int_list, default="0,1,2", help="comma-separated seeds >= 0, one set of runs "
+                   "each (default: 0,1,2)")
+    p.add_argument("--kd-iters", type=positive_int, default=400, help="stage-1 KD steps from the no-KD student, "
+                   ">= 1 (default: 400)")
+    p.add_argument("--study-iters", type=positive_int, default=400, help="stage-2 steps of every row from the "
+                   "stage-1 KD checkpoint, >= 1 (default: 400)")
     args = runs.get_args(argv, p)
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        p.error(f"--seeds {args.seeds!r}: pass comma-separated integers, e.g. 0,1,2")
+    seeds = args.seeds
     rank, _ = runs.setup_ddp(args)
     torch.manual_seed(args.seed + rank)
     tokenizer, splits = runs.load_data(args)

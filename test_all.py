@@ -12,12 +12,14 @@ import itertools
 import http.server
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
 import threading
 import time
 import types
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -75,7 +77,8 @@ def test_imports_point_one_way_and_only_the_tools_and_tests_import_distill():
     for name in sorted(graph):
         visit(name, [])
     assert {n for n, deps in graph.items() if "distill" in deps} <= {"study", "bench", "diagnose", "test_all"}
-    assert graph["runs"] <= {"data", "model", "tokenizer"} and not graph["data"] and not graph["model"]
+    assert graph["runs"] <= {"checks", "data", "model", "tokenizer"} and not graph["checks"]
+    assert graph["data"] <= {"checks"} and graph["model"] <= {"checks"}
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -795,7 +798,8 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(
         return real(*args) * (float("nan") if len(calls) == 8 else 1.0)
 
     monkeypatch.setattr(distill, "method_loss", poisoned)
-    with pytest.raises(SystemExit, match="at step 7: training diverged; the last good checkpoint"):
+    with pytest.raises(SystemExit, match=r"at step 7: training diverged; .*nan.pt keeps step 5 \(finite weights\); "
+                                         r"resumed with the same flags it would diverge again"):
         run_distill(trained_setup, "--max-iters", "20", "--ckpt-interval", "5", "--out", str(tmp_path / "nan.pt"))
     ckpt = torch.load(tmp_path / "nan.pt", weights_only=True)
     assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -1462,3 +1466,199 @@ def test_a_llamagen_layout_pair_distils_on_an_image_folder_and_is_evaluated(tmp_
                       "--out", str(tmp_path / "x.pt"), *common])
     with pytest.raises(SystemExit, match="an image folder needs a trained one"):
         distill.main(["--method", "kd", *common[:4]])
+
+
+# ------------------------------------------------------------ bad input and faults: one sentence, nothing lost
+# Every program refuses a bad flag or file with one sentence that names it, exits non-zero, prints no
+# traceback and leaves every file that existed before byte-identical.
+
+
+@pytest.fixture(scope="module")
+def bad_env(tmp_path_factory):
+    """A tiny world for the bad inputs: a fake Fashion-MNIST, a random tokenizer, its token cache, a tiny
+    teacher of ours; each test works on its own copy."""
+    root = tmp_path_factory.mktemp("bad")
+    make_fashion_mnist(root / "fm", n_train=24, n_test=12)
+    torch.manual_seed(0)
+    vq = tok.VQModel(tok.VQConfig())
+    vq.fingerprint = tok.weights_fingerprint(vq)
+    tok.save_tokenizer(vq, root / "tok.pt")
+    teacher = tiny_model(0, vocab_size=256, num_classes=10, grid_size=7)
+    state = teacher.state_dict()
+    torch.save({"model": state, "config": asdict(teacher.config), "fingerprints": {"tokenizer": vq.fingerprint},
+                "fingerprint": distill.runs.weights_fingerprint(teacher)}, root / "teacher.pt")
+    distill.main(["--prepare", *DISTILL(root)[:6]])
+    return root
+
+
+def flip_a_weight_byte(path):
+    """One bit of one stored weight flipped, in place: the zip and the pickle still read."""
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        f.seek(info.header_offset + 30 + name_len + extra_len + info.file_size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
+def snapshot(root):
+    return {p: p.read_bytes() for p in Path(root).rglob("*") if p.is_file()}
+
+
+def refusal(main, argv, capsys):
+    """main(argv) -> (exit code, everything it printed, the SystemExit message included)."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    printed = capsys.readouterr()
+    return code, printed.out + printed.err + (code if isinstance(code, str) else "")
+
+
+def png(path, mode="L", size=28):
+    Image.new(mode, (size, size)).save(path)
+
+
+def other_tokenizer(src, dst):
+    ckpt = torch.load(src, weights_only=True)
+    ckpt["fingerprints"]["tokenizer"] = "0123456789abcdef"
+    torch.save(ckpt, dst)
+
+
+# (program, its argv in the copy r, what to make first, words the refusal must hold)
+def DISTILL(r):
+    return ["--data-dir", f"{r}/fm", "--out-dir", f"{r}/out", "--tokenizer", f"{r}/tok.pt", "--size", "tiny",
+            "--batch-size", "4", "--max-iters", "2", "--eval-interval", "1000", "--eval-seqs", "5", "--eval-samples", "0",
+            "--out", f"{r}/out/run.pt"]
+
+
+def KD(r):
+    return DISTILL(r) + ["--method", "kd", "--init", "none", "--teacher", f"{r}/teacher.pt"]
+
+
+def SAMPLE(r):
+    return ["--ckpt", f"{r}/teacher.pt", "--tokenizer", f"{r}/tok.pt", "--per-class", "1", "--out", f"{r}/s.png"]
+
+
+BAD_INPUTS = [
+    # flags, refused at parse time with their range
+    ("distill", lambda r: DISTILL(r) + ["--max-iters", "0"], None, ["--max-iters", "an integer >= 1"]),
+    ("distill", lambda r: DISTILL(r) + ["--max-iters", "-5"], None, ["--max-iters"]),
+    ("distill", lambda r: DISTILL(r) + ["--lr", "0"], None, ["--lr", "a number > 0"]),
+    ("distill", lambda r: DISTILL(r) + ["--batch-size", "0"], None, ["--batch-size"]),
+    ("distill", lambda r: DISTILL(r) + ["--eval-interval", "0"], None, ["--eval-interval"]),
+    ("distill", lambda r: KD(r) + ["--tau", "0"], None, ["--tau"]),
+    ("distill", lambda r: KD(r) + ["--lam", "1.5"], None, ["--lam", "[0, 1]"]),
+    ("distill", lambda r: KD(r) + ["--prefix-frac", "0.9,0.1"], None, ["--prefix-frac", "lo <= hi"]),
+    ("distill", lambda r: KD(r) + ["--prefix-frac", "2,3"], None, ["--prefix-frac"]),
+    ("distill", lambda r: DISTILL(r) + ["--device", "cuda:99"], None, ["--device", "no such device"]),
+    ("distill", lambda r: DISTILL(r) + ["--seed", "abc"], None, ["--seed"]),
+    ("sample", lambda r: SAMPLE(r) + ["--temperature", "-1"], None, ["--temperature"]),
+    ("sample", lambda r: SAMPLE(r) + ["--cfg-scale", "-1"], None, ["--cfg-scale"]),
+    ("sample", lambda r: SAMPLE(r) + ["--top-p", "0"], None, ["--top-p", "(0, 1]"]),
+    ("sample", lambda r: SAMPLE(r) + ["--classes", "a,b"], None, ["--classes"]),
+    ("sample", lambda r: SAMPLE(r) + ["--batch-size", "0"], None, ["--batch-size"]),
+    ("sample", lambda r: SAMPLE(r) + ["--relax-delta", "0.2"], None, ["--relax-delta", "--draft"]),
+    ("evaluate", lambda r: [f"{r}/teacher.pt", "--num-samples", "3"], None, ["--num-samples"]),
+    ("tokenizer", lambda r: ["--steps", "0", "--out", f"{r}/new.pt"], None, ["--steps"]),
+    ("tokenizer", lambda r: ["--lr", "nan", "--out", f"{r}/new.pt"], None, ["--lr"]),
+    ("tokenizer", lambda r: ["--codebook-size", "2", "--out", f"{r}/new.pt"], None, ["--codebook-size"]),
+    # files that are not what the flag wants: empty, truncated, another kind of checkpoint, text
+    ("distill", lambda r: KD(r)[:-1] + [f"{r}/empty.pt"], lambda r: (r / "empty.pt").write_bytes(b""), ["empty.pt"]),
+    ("distill", lambda r: KD(r)[:-1] + [f"{r}/cut.pt"],
+     lambda r: (r / "cut.pt").write_bytes((r / "teacher.pt").read_bytes()[:3000]), ["cut.pt"]),
+    ("distill", lambda r: KD(r)[:-1] + [f"{r}/tok.pt"], None, ["tok.pt", "not a GPT checkpoint"]),
+    ("distill", lambda r: DISTILL(r) + ["--init", f"{r}/notes.txt"], lambda r: (r / "notes.txt").write_text("hi"),
+     ["notes.txt", "--init"]),
+    ("distill", lambda r: DISTILL(r)[:5] + [f"{r}/teacher.pt"] + DISTILL(r)[6:], None, ["teacher.pt", "not a tokenizer"]),
+    ("distill", lambda r: DISTILL(r)[:3] + [f"{r}/afile"] + DISTILL(r)[4:-2], lambda r: (r / "afile").write_text("x"),
+     ["afile", "not a folder"]),
+    ("distill", DISTILL, lambda r: (r / "out" / "tokens" / "test.json").write_text("[1, 2"), ["test.json", "damaged"]),
+    ("distill", DISTILL, lambda r: (r / "out" / "run.pt").write_bytes(b"precious"), ["run.pt", "--out elsewhere"]),
+    ("sample", lambda r: SAMPLE(r)[:-1] + [f"{r}/teacher.pt", "--force"], None, ["teacher.pt", "is a checkpoint"]),
+    ("sample", SAMPLE, lambda r: png(r / "s.png"), ["s.png", "--force"]),
+    ("sample", lambda r: SAMPLE(r) + ["--npz", f"{r}/samples"], None, ["--npz", ".npz"]),
+    ("sample", lambda r: SAMPLE(r) + ["--ckpt", f"{r}/tok.pt"], None, ["tok.pt", "not a GPT checkpoint"]),
+    ("sample", lambda r: SAMPLE(r) + ["--tokenizer", f"{r}/teacher.pt"], None, ["teacher.pt", "not a tokenizer"]),
+    ("sample", lambda r: SAMPLE(r) + ["--ckpt", f"{r}/alien.pt"], lambda r: other_tokenizer(r / "teacher.pt", r / "alien.pt"),
+     ["alien.pt", "--tokenizer it was trained with"]),
+    ("sample", lambda r: SAMPLE(r) + ["--draft", f"{r}/alien.pt"], lambda r: other_tokenizer(r / "teacher.pt", r / "alien.pt"),
+     ["alien.pt", "--tokenizer it was trained with"]),
+    ("evaluate", lambda r: [f"{r}/three.npz"], lambda r: np.savez(r / "three.npz", np.zeros((3, 28, 28), np.uint8)),
+     ["three.npz holds 3 images, too few"]),
+    ("evaluate", lambda r: [f"{r}/pngs"], lambda r: [(r / "pngs").mkdir()] + [png(r / "pngs" / f"{i}.png", m)
+                                                 for i, m in enumerate(["L"] * 6 + ["RGB"] * 6)], ["pngs", "different shapes"]),
+    ("evaluate", lambda r: [f"{r}/pngs"], lambda r: [(r / "pngs").mkdir(), (r / "pngs" / "bad.png").write_text("x")] +
+     [png(r / "pngs" / f"{i}.png") for i in range(12)], ["bad.png", "not a readable PNG"]),
+    ("evaluate", lambda r: [f"{r}/ten.npz"], lambda r: (np.savez(r / "ten.npz", np.zeros((10, 28, 28), np.uint8)),
+                                                       (r / "metrics.json").write_text("[1, 2, 3]")), ["metrics.json"]),
+    ("tokenizer", lambda r: ["--steps", "1", "--out", f"{r}/tok.pt"], None, ["tok.pt", "--force"]),
+    # damaged weights: one flipped bit, caught by the fingerprint recorded at save time
+    ("sample", SAMPLE, lambda r: flip_a_weight_byte(r / "teacher.pt"), ["teacher.pt", "is damaged"]),
+    ("sample", SAMPLE, lambda r: flip_a_weight_byte(r / "tok.pt"), ["tok.pt", "is damaged"]),
+    ("evaluate", lambda r: [f"{r}/teacher.pt", "--tokenizer", f"{r}/tok.pt", "--num-samples", "10"],
+     lambda r: flip_a_weight_byte(r / "teacher.pt"), ["teacher.pt", "is damaged"]),
+    ("distill", KD, lambda r: flip_a_weight_byte(r / "teacher.pt"), ["teacher.pt", "is damaged"]),
+]
+PROGRAMS = {"distill": distill.main, "sample": sample.main, "evaluate": evaluate.main, "tokenizer": tok.main}
+
+
+@pytest.mark.parametrize("program, argv, make, words", BAD_INPUTS,
+                         ids=[f"{p}-{i}" for i, (p, *_) in enumerate(BAD_INPUTS)])
+def test_a_bad_input_is_refused_in_one_sentence_naming_it_and_nothing_is_lost(bad_env, tmp_path, capsys, monkeypatch,
+                                                                             program, argv, make, words):
+    r = tmp_path / "r"
+    shutil.copytree(bad_env, r)
+    monkeypatch.chdir(r)  # out/ and data/ defaults land in the copy
+    if make:
+        make(r)
+    before = snapshot(r)
+    code, printed = refusal(PROGRAMS[program], argv(r), capsys)
+    assert code not in (0, None), printed
+    assert "Traceback" not in printed
+    for word in words:
+        assert word in printed, (word, printed)
+    after = snapshot(r)
+    assert {p: after.get(p) for p in before} == before, "a file that existed before was changed or removed"
+
+
+def test_a_run_that_diverges_keeps_only_finite_weights_and_says_which_step_truthfully(bad_env, tmp_path, capsys):
+    r = tmp_path / "r"
+    shutil.copytree(bad_env, r)
+    code, printed = refusal(distill.main, DISTILL(r) + ["--lr", "1e9", "--warmup", "0", "--max-iters", "30",
+                                                        "--ckpt-interval", "1000"], capsys)
+    assert "training diverged; no checkpoint was written" in printed and "lower --lr" in printed
+    assert not (r / "out" / "run.pt").exists()
+    code, printed = refusal(distill.main, DISTILL(r) + ["--lr", "1e9", "--warmup", "0", "--max-iters", "30",
+                                                        "--ckpt-interval", "1"], capsys)
+    kept = torch.load(r / "out" / "run.pt", weights_only=True)
+    assert f"run.pt keeps step {kept['step']} (finite weights)" in printed and "--out elsewhere" in printed
+    assert all(torch.isfinite(v).all() for v in kept["model"].values())
+
+
+def test_a_second_run_on_one_output_is_refused_and_ctrl_c_names_the_step_and_the_checkpoint(bad_env, tmp_path, capsys):
+    """A real second process holds the lock; the in-process run is refused naming its pid. Then Ctrl-C
+    ends that process with one line that names the checkpoint --resume continues from."""
+    r = tmp_path / "r"
+    shutil.copytree(bad_env, r)
+    argv = DISTILL(r) + ["--max-iters", "1000000", "--ckpt-interval", "20"]
+    first = subprocess.Popen([sys.executable, "distill.py", *argv], cwd=Path(__file__).parent, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while not (r / "out" / "run.pt").exists():
+            assert first.poll() is None and time.time() < deadline, first.stdout.read()
+            time.sleep(0.05)
+        code, printed = refusal(distill.main, argv, capsys)
+        assert code not in (0, None) and f"is being written by process {first.pid}" in printed
+        first.send_signal(2)  # SIGINT, as Ctrl-C
+        out = first.communicate(timeout=60)[0]
+    finally:
+        first.kill()
+    step = torch.load(r / "out" / "run.pt", weights_only=True)["step"]
+    assert first.returncode != 0 and "Traceback" not in out, out
+    assert f"run.pt keeps step {step}: the same command with --resume continues from it" in out.splitlines()[-1]

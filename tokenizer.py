@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from scipy.cluster.vq import kmeans2
 from tqdm import tqdm
 
+from checks import check_output, count, output_lock, positive, positive_int, ranged, read_checkpoint
 from data import atomic_write, fingerprint, load_fashion_mnist, save_grid
 
 
@@ -262,17 +263,13 @@ def load_tokenizer(path, preset="VQ-16", image_size=None):
     """Our tokenizer checkpoints, or LlamaGen's (vq_ds16_c2i.pt: {"model": state_dict}, no config,
     built with `preset`); image_size overrides the side it encodes (VQ-16 is convolutional: LlamaGen
     uses it at 256 and 384 px). Returns the model in eval mode with .fingerprint set from its weights."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SystemExit(f"no tokenizer at {path}: train one with `python tokenizer.py` or pass "
-                         f"--tokenizer PATH") from None
-    except Exception as e:
-        raise SystemExit(f"{path} is not a readable tokenizer checkpoint ({e}): delete it and "
-                         f"train a new one with `python tokenizer.py`") from None
-    sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(sd, dict):
+    ckpt = read_checkpoint(path, "tokenizer", "train one with `python tokenizer.py` or pass --tokenizer PATH")
+    sd = ckpt.get("model", ckpt)
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise SystemExit(f"{path} holds no state dict: pass a tokenizer checkpoint")
+    if isinstance(ckpt.get("config"), dict) and set(ckpt["config"]) - set(VQConfig.__dataclass_fields__):
+        raise SystemExit(f"{path} is not a tokenizer (a GPT's or another model's config): pass the tokenizer "
+                         f"checkpoint as --tokenizer, e.g. weights/tokenizer.pt")
     if "config" in ckpt:
         cfg = dict(ckpt["config"], ch_mult=tuple(ckpt["config"]["ch_mult"]))
     else:
@@ -325,6 +322,9 @@ def train(model, images, steps, batch_size=128, lr=2e-3, seed=0, reseed_every=10
         x = torch.as_tensor(images[idx.numpy()]).permute(0, 3, 1, 2).float() / 127.5 - 1
         recon, codes, vq_loss = model(x)
         loss = F.mse_loss(recon, x) + vq_loss
+        if not torch.isfinite(loss):
+            raise SystemExit(f"the tokenizer's loss is {loss.item()} at step {step}: training diverged and nothing "
+                             f"is saved; lower --lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -375,23 +375,33 @@ def build(path, data_dir="data", steps=12000, batch_size=128, lr=2e-3, codebook_
     return model
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default="data", help="Fashion-MNIST folder (default: data, then the "
                    "Debian package's, then download)")
     p.add_argument("--grid", type=int, default=7, choices=sorted(GRIDS), help="codes per image side: 7 (49 codes, "
                    "the shipped tokenizer's) or 14 (196, the long horizon) (default: 7)")
-    p.add_argument("--out", help="checkpoint path (default: out/tokenizer.pt; out/grid14/tokenizer.pt with --grid 14, "
+    p.add_argument("--out", help="checkpoint path; an existing file is refused unless --force, since everything "
+                   "encoded with it is tied to it (default: out/tokenizer.pt; out/grid14/tokenizer.pt with --grid 14, "
                    "where distill.py --grid 14 looks for it)")
-    p.add_argument("--steps", type=int, default=12000, help="training steps (default: 12000, the shipped "
-                   "tokenizer's, ~11 min on 2 CPU cores)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per step (default: 128)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate (default: 2e-3)")
-    p.add_argument("--codebook-size", type=int, default=256, help="number of codes (default: 256)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    args = p.parse_args()
-    out = args.out or ("out/tokenizer.pt" if args.grid == 7 else f"out/grid{args.grid}/tokenizer.pt")
-    build(out, args.data_dir, args.steps, args.batch_size, args.lr, args.codebook_size, args.seed, args.grid)
+    p.add_argument("--force", action="store_true", help="replace an existing --out (and its _recon.png)")
+    p.add_argument("--steps", type=positive_int, default=12000, help="training steps, >= 1 (default: 12000, the "
+                   "shipped tokenizer's, ~11 min on 2 CPU cores)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per step, >= 1 (default: 128)")
+    p.add_argument("--lr", type=positive, default=2e-3, help="peak Adam learning rate, > 0 (default: 2e-3)")
+    p.add_argument("--codebook-size", type=ranged(int, 4), default=256, help="number of codes, >= 4 (VarKD groups "
+                   "them by four) (default: 256)")
+    p.add_argument("--seed", type=count, default=0, help="random seed, >= 0 (default: 0)")
+    args = p.parse_args(argv)
+    args.out = args.out or ("out/tokenizer.pt" if args.grid == 7 else f"out/grid{args.grid}/tokenizer.pt")
+    check_output(args.out, "--out", args.force)
+    check_output(str(args.out).rsplit(".", 1)[0] + "_recon.png", "--out", args.force, kind="image")
+    with output_lock(args.out):
+        try:
+            build(args.out, args.data_dir, args.steps, args.batch_size, args.lr, args.codebook_size, args.seed,
+                  args.grid)
+        except KeyboardInterrupt:
+            raise SystemExit(f"interrupted: nothing written to {args.out} (it is saved at the end of training)") from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,214 @@
+"""What stands between a user's input and lost or silently wrong work: flag values checked at parse
+time, checkpoints verified against the fingerprint of their weights on every load, and outputs
+checked writable before any work, written atomically, by one process at a time (a lock beside
+each output) and never over a file this run did not make unless the user passes --force.
+
+Every refusal is one sentence that names the flag or the file and the fix. Nothing here imports the
+rest of the project: every program and module may use it.
+"""
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import math
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# ------------------------------------------------------------------------------------------------
+# Flags: argparse `type=` functions, so that a bad value is refused before any work, with its range.
+
+
+def ranged(kind, low=None, high=None, low_open=False, high_open=False):
+    """A type for argparse: a finite `kind` (int or float) within [low, high] (an open end with *_open)."""
+    name = "an integer" if kind is int else "a number"
+    bound = (f"{'>' if low_open else '>='} {low}" if high is None else
+             f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}: pass {name} {bound}") from None
+        bad_low = low is not None and (value <= low if low_open else value < low)
+        bad_high = high is not None and (value >= high if high_open else value > high)
+        if bad_low or bad_high or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: pass {name} {bound}")
+        return value
+    return parse
+
+
+positive_int = ranged(int, 1)
+count = ranged(int, 0)
+positive = ranged(float, 0, low_open=True)
+non_negative = ranged(float, 0)
+fraction = ranged(float, 0, 1)
+
+
+def int_list(text):
+    """'0,3,5' -> [0, 3, 5] (non-negative integers)."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 0,3,5") from None
+    if min(values) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} holds a negative number: pass ids >= 0")
+    return values
+
+
+def fraction_range(text):
+    """'lo,hi' with 0 <= lo <= hi < 1 -> (lo, hi)."""
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not two fractions lo,hi, e.g. 0.25,0.75") from None
+    if not 0 <= lo <= hi < 1:
+        raise argparse.ArgumentTypeError(f"{text}: pass lo,hi with 0 <= lo <= hi < 1 (the real prefix leaves at "
+                                         f"least one code to sample)")
+    return lo, hi
+
+
+def existing_device(text):
+    """A torch device that exists on this machine."""
+    try:
+        d = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: pass cpu or cuda (cuda:N)") from None
+    found = {"cpu": 1, "cuda": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+             "mps": int(torch.backends.mps.is_available())}.get(d.type, 0)
+    if (d.index or 0) >= found:
+        raise argparse.ArgumentTypeError(f"{text}: no such device on this machine (this torch build "
+                                         f"{'sees ' + str(found) if found else 'has none of that type'}): pass cpu")
+    return text
+
+
+# ------------------------------------------------------------------------------------------------
+# Fingerprints and checkpoints.
+
+
+def fingerprint(*parts):
+    """Short sha256 of arrays, strings and numbers: what an artifact was built from."""
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, np.ndarray):
+            h.update(str((p.dtype, p.shape)).encode())
+            h.update(np.ascontiguousarray(p).data)
+        else:
+            h.update(repr(p).encode())
+    return h.hexdigest()[:16]
+
+
+def weights_fingerprint(state):
+    """The fingerprint of a state dict's tensors, in their order: what every checkpoint we write
+    records as "fingerprint", and what every load recomputes."""
+    return fingerprint(*(v.detach().cpu().numpy() for v in state.values()))
+
+
+def read_checkpoint(path, what="checkpoint", fix="pass one saved by torch.save"):
+    """torch.load(weights_only) of a user-supplied file, as a dict. Anything unreadable, and weights
+    that no longer match their recorded fingerprint (a damaged file), are refused in one sentence."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"no {what} at {path}: check the path, or {fix}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # empty, truncated, not a zip or pickle, a hostile pickle: all refused alike
+        reason = ("empty" if path.stat().st_size == 0 else "truncated, or not a torch.save file"
+                  if not zipfile.is_zipfile(path) else (str(e).splitlines() or [type(e).__name__])[0][:100])
+        raise SystemExit(f"{path} exists and is not a {what} (unreadable: {reason}): {fix}") from None
+    if not isinstance(ckpt, dict):
+        raise SystemExit(f"{path} exists and is not a {what} (it holds a {type(ckpt).__name__}): {fix}")
+    state = ckpt.get("model")
+    if "fingerprint" in ckpt and isinstance(state, dict):
+        try:
+            got = weights_fingerprint(state)
+        except (AttributeError, TypeError):
+            got = None
+        if got != ckpt["fingerprint"]:
+            raise SystemExit(f"{path} is damaged: its weights have fingerprint {got}, not the {ckpt['fingerprint']} "
+                             f"recorded when it was saved; restore it from a copy or rebuild it")
+    return ckpt
+
+
+def is_checkpoint(path):
+    """A torch.save file (a zip holding data.pkl): never replaced by an image or an array."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("data.pkl") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+# ------------------------------------------------------------------------------------------------
+# Outputs.
+
+
+def check_output(path, flag, force=None, kind="checkpoint"):
+    """Before any work: refuse an output that cannot be written (a parent that is a file, a
+    read-only folder, a folder in its place), a checkpoint that an image or an array (kind) would
+    replace, even with --force, and, when force is False, any existing file (force None: the
+    caller decides, as distill.py does for the checkpoint it continues)."""
+    path = Path(path)
+    if path.is_dir():
+        raise SystemExit(f"{flag} {path} is a folder: pass a file path")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SystemExit(f"{flag} {path}: {parent} is a file, not a folder; pass a path under a folder")
+    probe = parent / f".write-test-{os.getpid()}"  # a real write: permissions, read-only mounts, quotas
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"{flag} {path}: cannot write in {parent} ({e.strerror}); pass {flag} under a folder you "
+                         f"can write to") from None
+    if path.exists() and kind != "checkpoint" and is_checkpoint(path):
+        raise SystemExit(f"{flag} {path} is a checkpoint: pass {flag} elsewhere (a checkpoint is never "
+                         f"replaced by an {kind})")
+    if path.exists() and force is False:
+        raise SystemExit(f"{flag} {path} exists: pass --force to replace it, or {flag} elsewhere")
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then move tmp_path onto path: a crash never leaves half a file. The
+    temporary name is unique per process, so two writers never share one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # same suffix, so np.save / PIL keep the name
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def output_lock(path, flag="--out"):
+    """One writer per output: an advisory lock on <path>.lock holding the writer's pid. The kernel
+    drops it when the process ends, however it ends (kill -9 included), so a lock is never stale."""
+    lock = Path(f"{path}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise SystemExit(f"{flag} {path} is being written by process {holder} (lock {lock}): wait for it to "
+                             f"finish, or pass {flag} elsewhere") from None
+        # the lock file may have been removed by its last holder between our open and our lock
+        if os.path.exists(lock) and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
