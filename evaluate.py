@@ -411,8 +411,10 @@ def main(argv=None):
     p.add_argument("--seed", type=count, default=0, help="sampling seed, >= 0 (default: 0)")
     p.add_argument("--ref", help="real reference: an .npz with mu/sigma (e.g. ADM's VIRTUAL_imagenet256_labeled.npz) "
                    "and/or arr_0 images, or an image folder (default: the Fashion-MNIST test split)")
-    p.add_argument("--tokenizer", default=str(WEIGHTS / "tokenizer.pt"), help="the checkpoint's tokenizer "
-                   "(default: the shipped one, weights/tokenizer.pt)")
+    p.add_argument("--tokenizer", help="the checkpoint's tokenizer (default: the shipped one, weights/tokenizer.pt; "
+                   "with --grid 14, <out-dir>/grid14/tokenizer.pt)")
+    p.add_argument("--grid", type=int, default=7, choices=[7, 14], help="the default --tokenizer: the shipped 7x7 "
+                   "one, or the 14x14 one distill.py --grid 14 builds (default: 7)")
     p.add_argument("--preset", help="preset of a checkpoint without a config, e.g. B for LlamaGen's c2i_B_256.pt")
     p.add_argument("--image-size", type=positive_int, help="the tokenizer's image side, e.g. 384 (default: its own)")
     p.add_argument("--out-dir", default="out", help="where reference features are cached (default: out)")
@@ -424,6 +426,8 @@ def main(argv=None):
     p.add_argument("--device", type=existing_device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="a device this machine has (default: cuda if available)")
     args = p.parse_args(argv)
+    args.tokenizer = args.tokenizer or str(WEIGHTS / "tokenizer.pt" if args.grid == 7 else
+                                           Path(args.out_dir, f"grid{args.grid}", "tokenizer.pt"))
     args.rank, args.world = 0, 1
     if "RANK" in os.environ:  # torchrun: each rank draws and scores its share, rank 0 reports
         cuda = args.device.startswith("cuda")

@@ -260,8 +260,10 @@ def speculative_speed(target, drafts, labels, gamma=4, batch_size=1, seed=0, gro
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", "--teacher", default=str(WEIGHTS / "teacher.pt"),
-                   help="GPT checkpoint to sample from (default: the shipped teacher, weights/teacher.pt)")
+    p.add_argument("--ckpt", "--teacher", help="GPT checkpoint to sample from (default: the shipped teacher, "
+                   "weights/teacher.pt; with --grid 14, out/grid14/teacher.pt)")
+    p.add_argument("--grid", type=int, default=7, choices=[7, 14], help="the default --ckpt and --tokenizer: the "
+                   "shipped 7x7 ones, or the 14x14 tree distill.py --grid 14 builds in out/grid14/ (default: 7)")
     p.add_argument("--draft", help="a smaller GPT on the same codes, e.g. out/varkd/ckpt.pt: speculative sampling, "
                    "the same images' distribution in fewer calls of --ckpt (default: none)")
     p.add_argument("--draft-preset", choices=list(PRESETS), help="model shape of a LlamaGen --draft")
@@ -273,8 +275,8 @@ def main(argv=None):
     p.add_argument("--groups", type=positive_int, help="codebook groups of --relax-delta, 1 to |V| (default: |V|/4, as VarKD)")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="model shape, needed only for LlamaGen checkpoints (default: from the checkpoint)")
-    p.add_argument("--tokenizer", default=str(WEIGHTS / "tokenizer.pt"),
-                   help="tokenizer checkpoint that decodes the codes (default: the shipped one, weights/tokenizer.pt)")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint that decodes the codes (default: the shipped one, "
+                   "weights/tokenizer.pt; with --grid 14, out/grid14/tokenizer.pt)")
     p.add_argument("--image-size", type=positive_int, help="the tokenizer's image side, e.g. 384 for LlamaGen's "
                    "c2i_*_384.pt (default: the tokenizer's own)")
     p.add_argument("--out", default=None,
@@ -301,6 +303,8 @@ def main(argv=None):
                    help="recompute the whole prefix at every step: slow, for checking (default: off)")
     p.add_argument("--device", type=existing_device, default="cpu", help="torch device this machine has, e.g. cuda (default: cpu)")
     args = p.parse_args(argv)
+    home = WEIGHTS if args.grid == 7 else Path(f"out/grid{args.grid}")
+    args.ckpt, args.tokenizer = args.ckpt or str(home / "teacher.pt"), args.tokenizer or str(home / "tokenizer.pt")
     idle = [flag for flag, given in (("--relax-delta", args.relax_delta), ("--groups", args.groups),
                                      ("--draft-preset", args.draft_preset)) if given]
     if idle and not args.draft:

@@ -1018,6 +1018,15 @@ def test_diagnose_cli_writes_its_tables_json_and_heat_maps(trained_setup, tiny_t
     assert Image.open(trained_setup / "diag.png").size[0] > 3 * 7 * 16
 
 
+def test_sample_and_evaluate_look_in_the_14x14_tree_with_grid_14(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="out/grid14/tokenizer.pt"):
+        sample.main(["--grid", "14"])
+    save_tiny(tmp_path / "m.pt", tiny_model())
+    with pytest.raises(SystemExit, match="out/grid14/tokenizer.pt"):
+        evaluate.main(["m.pt", "--grid", "14"])
+
+
 @pytest.mark.slow
 def test_the_pipeline_runs_end_to_end_at_grid_14_in_a_tree_of_its_own(small_tokenizer14, tmp_path, capsys):
     tok.save_tokenizer(small_tokenizer14, tmp_path / "grid14" / "tokenizer.pt")
