@@ -13,6 +13,7 @@ import http.server
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -1655,8 +1656,10 @@ def test_a_second_run_on_one_output_is_refused_and_ctrl_c_names_the_step_and_the
     r = tmp_path / "r"
     shutil.copytree(bad_env, r)
     argv = DISTILL(r) + ["--max-iters", "1000000", "--ckpt-interval", "20"]
+    # a shell's background job (CI under nohup ... &) ignores SIGINT, and the child would inherit that
     first = subprocess.Popen([sys.executable, "distill.py", *argv], cwd=Path(__file__).parent, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while not (r / "out" / "run.pt").exists():
