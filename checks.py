@@ -108,7 +108,7 @@ def weights_fingerprint(state):
 
 
 def read_checkpoint(path, what="checkpoint", fix="pass one saved by torch.save"):
-    """torch.load(weights_only) of a user-supplied file, as a dict. Anything unreadable, and weights
+    """torch.load(..., weights_only=True) of a user-supplied file, as a dict. Anything unreadable, and weights
     that no longer match their recorded fingerprint (a damaged file), are refused in one sentence."""
     path = Path(path)
     if not path.is_file():

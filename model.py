@@ -265,7 +265,7 @@ class GPT(nn.Module):
         return self._transformer(self.tok_embeddings(codes), start + 1)
 
 
-def load_checkpoint(path, preset=None, grid_size=None, tokenizer=None):
+def load_checkpoint(path, preset=None, grid_size=None, tokenizer=None, ckpt=None):
     """A GPT in eval mode on the CPU, from one of our checkpoints or a LlamaGen c2i one, with
     .fingerprint, the fingerprint of its weights (checks.read_checkpoint verified the recorded one).
 
@@ -273,11 +273,12 @@ def load_checkpoint(path, preset=None, grid_size=None, tokenizer=None):
     state_dict} (a bare state dict is accepted too) and need `preset`; their vocabulary and class
     count are read from the embedding shapes and grid_size defaults to 16 (256 px, 16x downsampling).
     tokenizer: the fingerprint of the tokenizer the caller decodes with; one of our checkpoints
-    trained on another is refused.
+    trained on another is refused. ckpt: the file as checks.read_checkpoint already returned it (not
+    read and verified twice).
     """
     if preset is not None and preset not in PRESETS:
         raise SystemExit(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    ckpt = read_checkpoint(path, "GPT checkpoint", "pass a checkpoint written by distill.py (or LlamaGen's c2i)")
+    ckpt = ckpt or read_checkpoint(path, "GPT checkpoint", "pass a checkpoint written by distill.py (or LlamaGen's c2i)")
     if isinstance(ckpt.get("config"), dict) and set(ckpt["config"]) - {f.name for f in fields(GPTConfig)}:
         raise SystemExit(f"{path} is not a GPT checkpoint (a tokenizer's or another model's config): pass it where "
                          f"that file belongs, e.g. --tokenizer, and a checkpoint of distill.py here")

@@ -265,7 +265,8 @@ def load_parent(path, role, fingerprints, device, preset, tokenizer):
             raise SystemExit(f"the {role} {path} was built on {key} {theirs[key]}, not on this run's "
                              f"{fingerprints[key]}: retrain it, or pass the --tokenizer it was built with")
     # a preset builds a checkpoint without a config (LlamaGen's); ours record their config and fingerprint
-    model = load_checkpoint(path, None if "config" in ckpt else preset, tokenizer.cfg.grid_size, tokenizer.fingerprint)
+    model = load_checkpoint(path, None if "config" in ckpt else preset, tokenizer.cfg.grid_size, tokenizer.fingerprint,
+                            ckpt)
     if model.config.vocab_size != tokenizer.cfg.codebook_size:
         raise SystemExit(f"the {role} {path} predicts {model.config.vocab_size} codes, the tokenizer has "
                          f"{tokenizer.cfg.codebook_size}: pass the --tokenizer it was trained with")
