@@ -40,6 +40,7 @@ import runs
 from checks import positive_int
 from data import atomic_write
 from distill import group_logp, jsd, mixed_rollout
+from model import compile_decode
 
 QUANTITIES = [("alpha", "alpha"), ("low", "alpha < thr"), ("kl_ts", "KL(T||S)"), ("kl_st", "KL(S||T)"),
               ("ambiguity", "ambiguity"), ("nll_real", "teacher NLL(real)")]
@@ -199,6 +200,7 @@ def main(argv=None):
     p.add_argument("--name", default="diagnosis", help="output files <out-dir>/<name>.md, .json and .png "
                    "(default: diagnosis)")
     args = runs.get_args(argv, p)
+    compile_decode(args.decode, torch.device(args.device).type)
     t0 = time.time()
     tokenizer, splits = runs.load_data(args)
     fingerprints = {"tokenizer": tokenizer.fingerprint, "data": splits["train"][2]}

@@ -41,6 +41,7 @@ import runs
 from checks import check_output, output_lock
 from data import batch_indices
 from evaluate import held_out, table
+from model import autocast, compile_decode
 from sample import generate
 
 # ------------------------------------------------------------------------------------------------
@@ -151,26 +152,27 @@ def mixed_rollout(student, codes, labels, prefix_frac=(0.25, 0.75), generator=No
     out = codes.clone()
     was_training = student.training
     student.eval()
-    student.setup_cache(B)
     grid = student.config.grid_size
     steps = zipar_schedule(grid, lo, window) if window else [[p] for p in range(lo, T)]
     # the prefix every example shares goes in at once; the rest of each example's prefix is
     # teacher-forced below. after[q]: logits (B, V) computed on code q, which predict code q + 1
     # (all of the shared prefix's: a row's stand-in below may lie inside it, as at 14x14 codes)
-    prefix_logits = student.prefill(labels, codes[:, :lo])  # (B, lo + 1, V)
-    after = {q: prefix_logits[:, q + 1] for q in range(-1, lo)}
-    for positions in steps:
-        # a row started ahead of the end of the row above (ZipAR) lacks code p - 1: the newest
-        # code of the row above, `window` codes in, stands in for it
-        preds = [after.get(p - 1, after.get(p - grid + min(window, grid - 1))) for p in positions]
-        probs = torch.stack(preds, 1).softmax(-1)  # (B, L, V)
-        sampled = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(B, len(positions))
-        pos = torch.tensor(positions, device=codes.device)
-        out[:, pos] = torch.where(mask[:, pos], sampled.to(codes.device), codes[:, pos])
-        feed = [p for p in positions if p + 1 < T]
-        if feed:
-            logits = student.decode(out[:, feed], torch.tensor(feed, device=codes.device))  # (B, L', V)
-            after.update({p: logits[:, i] for i, p in enumerate(feed)})
+    with autocast(codes.device.type):  # bf16 on GPUs (the cache too)
+        student.setup_cache(B)
+        prefix_logits = student.prefill(labels, codes[:, :lo])  # (B, lo + 1, V)
+        after = {q: prefix_logits[:, q + 1] for q in range(-1, lo)}
+        for positions in steps:
+            # a row started ahead of the end of the row above (ZipAR) lacks code p - 1: the newest
+            # code of the row above, `window` codes in, stands in for it
+            preds = [after.get(p - 1, after.get(p - grid + min(window, grid - 1))) for p in positions]
+            probs = torch.stack(preds, 1).softmax(-1)  # (B, L, V)
+            sampled = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(B, len(positions))
+            pos = torch.tensor(positions, device=codes.device)
+            out[:, pos] = torch.where(mask[:, pos], sampled.to(codes.device), codes[:, pos])
+            feed = [p for p in positions if p + 1 < T]
+            if feed:
+                logits = student.decode(out[:, feed], torch.tensor(feed, device=codes.device))  # (B, L', V)
+                after.update({p: logits[:, i] for i, p in enumerate(feed)})
     student.clear_cache()
     student.train(was_training)
     return out, mask
@@ -250,8 +252,7 @@ def train(args, tokenizer, splits, role=None):
               f"{metrics['start']['test_kl']:.4f} nats/code")
     step_fn = DDP(model) if world > 1 else model
     step_fn = torch.compile(step_fn) if args.compile else step_fn
-    # bf16 autocast on GPUs (weights, optimizer and evaluation stay fp32); fp32 on CPU, where bf16 buys nothing
-    amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    amp = autocast(device.type)  # bf16 on GPUs (weights, optimizer and evaluation stay fp32)
     model.train()
     t0, tokens, pool_id = time.time(), 0, None
     bar = tqdm(range(run.start, args.max_iters), initial=run.start, total=args.max_iters, desc=args.method,
@@ -359,6 +360,7 @@ def main(argv=None):
     p.add_argument("--export", nargs=2, metavar=("CKPT", "DST"), help="instead, write a finished checkpoint "
                    "without its optimizer state to DST, as the files in weights/ were made")
     args = runs.get_args(argv, p)
+    compile_decode(args.decode, torch.device(args.device).type)
     if args.export:
         return runs.export(*args.export)
     rank, _ = runs.setup_ddp(args)

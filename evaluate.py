@@ -35,7 +35,7 @@ from classifier import as_input, load_classifier
 from checks import check_output, count, existing_device, non_negative, output_lock, positive_int, ranged, read_checkpoint
 from data import WEIGHTS, atomic_write, beside, fingerprint, load_fashion_mnist, load_image_folder, save_grid
 from inception import InceptionV3, load_inception  # noqa: F401 (re-exported: evaluate.InceptionV3, evaluate.load_inception)
-from model import load_checkpoint
+from model import add_decode_flag, compile_decode, load_checkpoint
 from sample import generate
 from tokenizer import load_tokenizer
 
@@ -425,7 +425,9 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="replace an existing --save-npz (never a checkpoint)")
     p.add_argument("--device", type=existing_device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="a device this machine has (default: cuda if available)")
+    add_decode_flag(p)
     args = p.parse_args(argv)
+    compile_decode(args.decode, torch.device(args.device).type)
     args.tokenizer = args.tokenizer or str(WEIGHTS / "tokenizer.pt" if args.grid == 7 else
                                            Path(args.out_dir, f"grid{args.grid}", "tokenizer.pt"))
     args.rank, args.world = 0, 1

@@ -8,8 +8,11 @@ checkpoints (c2i_B_256.pt, c2i_L_256.pt, ...) load with strict=True:
     model = load_checkpoint("out/teacher.pt")             # ours: the config is inside
 
 The sequence is [class token, code 0, ..., code T-2]; logits[:, t] predicts code t. Decoding
-follows gpt-fast: setup_cache(), prefill() the class (and any known codes), then decode().
+follows gpt-fast: setup_cache(), prefill() the class (and any known codes), then decode(), which
+runs a compiled graph once compile_decode() is called.
 """
+import contextlib
+import shutil
 from dataclasses import dataclass, fields
 
 import torch
@@ -206,8 +209,9 @@ class GPT(nn.Module):
             freqs_cis = self.freqs_cis[pos]
             # every cache slot is attended to, masked: a query sees the keys at or before its position
             # that have been written. Slots beyond it (stale after a speculative rollback) and slots
-            # never written (ZipAR's rows decoded ahead of the row above) are invisible.
-            self.written[pos] = True
+            # never written (ZipAR's rows decoded ahead of the row above) are invisible. The shapes
+            # stay those of the whole cache, so one compiled graph serves every position.
+            self.written.index_fill_(0, pos, True)
             key_pos = torch.arange(len(self.written), device=h.device)
             mask = (key_pos[None, :] <= pos[:, None]) & self.written[None, :]  # (S, 1 + T)
         for layer in self.layers:
@@ -233,12 +237,18 @@ class GPT(nn.Module):
         return torch.where(dropped, self.config.num_classes, labels)
 
     def setup_cache(self, batch_size, dtype=None):
-        """Installs an empty KV cache for up to batch_size sequences (again to resize it)."""
+        """Installs an empty KV cache for up to batch_size sequences (again to resize it), in the
+        autocast dtype when called under autocast (bf16 sampling on GPUs), else the weights'."""
         c, weight = self.config, self.output.weight
+        device = weight.device.type
+        if dtype is None:
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch_size, c.n_head, 1 + c.block_size, c.dim // c.n_head,
-                                               dtype or weight.dtype, weight.device)
-        self.written = torch.zeros(1 + c.block_size, dtype=torch.bool, device=weight.device)  # (1 + T,)
+                                               dtype, weight.device)
+        # a buffer, not a plain attribute: CUDA graphs replay only mutations of the model's own buffers
+        self.register_buffer("written", torch.zeros(1 + c.block_size, dtype=torch.bool, device=weight.device),
+                             persistent=False)  # (1 + T,)
 
     def clear_cache(self):
         for layer in self.layers:
@@ -262,7 +272,58 @@ class GPT(nn.Module):
         """
         if isinstance(start, int):
             start = torch.arange(start, start + codes.shape[1], device=codes.device)
-        return self._transformer(self.tok_embeddings(codes), start + 1)
+        if _compiled_decode is not None:
+            # fresh strides (a slice of a (B, T) grid would compile a graph of its own); CUDA graphs
+            # reuse their output buffers at the next call: hand out a copy
+            return _compiled_decode(self, codes.clone(memory_format=torch.contiguous_format), start + 1).clone()
+        return _decode_step(self, codes, start + 1)
+
+
+def _decode_step(model, codes, pos):
+    return model._transformer(model.tok_embeddings(codes), pos)
+
+
+# The decode step compiled, gpt-fast's way. At a few codes per call, an eager step is nearly all
+# per-operation overhead (some 15 small kernels per layer, each launched from Python); compiled, a
+# layer's operations fuse and run from generated code (CPUs: inductor with its C++ wrapper; GPUs:
+# CUDA graphs, "reduce-overhead"). The shapes are static (the whole cache is attended to, masked;
+# positions are a tensor), so one graph is compiled per (model shapes, batch, codes per call) and
+# serves every position and every model of those shapes, the weights being inputs of the graph.
+# Each compilation costs seconds to tens of seconds (cached on disk for the next run): on a GPU it
+# pays at once, on a CPU only for long sampling (bench.py --decode), hence "auto".
+_compiled_decode = None
+
+
+def compile_decode(mode="compiled", device_type="cpu"):
+    """mode "compiled": every later GPT.decode() (sampling, rollouts, speculative sampling, evaluation)
+    runs compiled for models on device_type; "eager": as written; "auto": compiled on GPUs only.
+    Outputs agree with eager within fp32 rounding (the same codes under greedy decoding)."""
+    global _compiled_decode
+    _compiled_decode = None
+    if mode == "eager" or (mode == "auto" and device_type != "cuda"):
+        return
+    if device_type == "cpu" and not shutil.which("g++"):  # inductor's default compiler
+        raise SystemExit("--decode compiled needs a C++ compiler on CPUs and g++ is not on the PATH: install it "
+                         "(apt-get install g++) or pass --decode eager")
+    # speculative sampling decodes 1 to gamma + 1 codes per call and ZipAR a few rows at once: a
+    # graph each, per model shape and batch; more than the default limit of 8 recompilations
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    kwargs = dict(mode="reduce-overhead") if device_type == "cuda" else dict(options={"cpp_wrapper": True})
+    _compiled_decode = torch.compile(_decode_step, fullgraph=True, dynamic=False, **kwargs)
+
+
+def add_decode_flag(parser):
+    parser.add_argument("--decode", choices=["auto", "compiled", "eager"], default="auto",
+                        help="the decode step of sampling and rollouts: torch.compile'd (gpt-fast's way), eager, "
+                        "or auto = compiled on GPUs only, where it pays at once; on CPUs each shape's compilation "
+                        "takes seconds and pays off for long sampling only (default: auto)")
+
+
+def autocast(device_type, bf16=None):
+    """bf16 autocast on GPUs (training, sampling and rollouts, as LlamaGen; weights stay fp32), fp32 on
+    CPUs, where bf16 buys no speed here; bf16=True forces it (the CPU tests run this path)."""
+    bf16 = device_type == "cuda" if bf16 is None else bf16
+    return torch.autocast(device_type, torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def load_checkpoint(path, preset=None, grid_size=None, tokenizer=None, ckpt=None):

@@ -21,7 +21,7 @@ import tokenizer as tok
 from checks import (check_output, count, existing_device, fraction, fraction_range, non_negative, positive,
                     positive_int, read_checkpoint, weights_fingerprint as state_fingerprint)
 from data import WEIGHTS, atomic_write, prepare_tokens
-from model import GPT, PRESETS, GPTConfig, load_checkpoint
+from model import GPT, PRESETS, GPTConfig, add_decode_flag, load_checkpoint
 
 METHODS = ("ce", "kd", "seqkd", "onpolicy", "varkd")
 # each method's defaults for the flags left unset (the rest of the table in the flags' help): its
@@ -143,6 +143,7 @@ def parser(description=None):
                    help="cpu or cuda, one this machine has (default: cuda if available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off for "
                    "runs of several minutes)")
+    add_decode_flag(p)
     return p
 
 

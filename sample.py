@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from checks import check_output, count, existing_device, fraction, int_list, non_negative, output_lock, positive_int, ranged
 from data import WEIGHTS, atomic_write, beside, save_grid
-from model import PRESETS, load_checkpoint
+from model import PRESETS, add_decode_flag, autocast, compile_decode, load_checkpoint
 from tokenizer import load_tokenizer
 
 
@@ -76,20 +76,21 @@ def generate(model, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, 
     was_training = model.training
     model.eval()
     try:
-        if kv_cache:
-            model.setup_cache(labels.shape[0])
-            logits = model.prefill(labels, labels.new_zeros(len(labels), 0))[:, -1]  # (B or 2B, V)
-        for t in range(T):
-            if not kv_cache:
-                # forward() takes codes 0..t and predicts each; code t is a dummy (still 0) whose
-                # own logits are the ones needed
-                logits = model(both(codes[:, : t + 1]), labels)[:, t]
-            if guided:
-                cond, uncond = logits.chunk(2)
-                logits = uncond + cfg_scale * (cond - uncond)
-            codes[:, t] = sample_logits(logits, temperature, top_k, top_p, generator)
-            if kv_cache and t + 1 < T:
-                logits = model.decode(both(codes[:, t : t + 1]), t)[:, -1]
+        with autocast(labels.device.type):  # bf16 on GPUs, as LlamaGen samples
+            if kv_cache:
+                model.setup_cache(labels.shape[0])
+                logits = model.prefill(labels, labels.new_zeros(len(labels), 0))[:, -1]  # (B or 2B, V)
+            for t in range(T):
+                if not kv_cache:
+                    # forward() takes codes 0..t and predicts each; code t is a dummy (still 0) whose
+                    # own logits are the ones needed
+                    logits = model(both(codes[:, : t + 1]), labels)[:, t]
+                if guided:
+                    cond, uncond = logits.chunk(2)
+                    logits = uncond + cfg_scale * (cond - uncond)
+                codes[:, t] = sample_logits(logits, temperature, top_k, top_p, generator)
+                if kv_cache and t + 1 < T:
+                    logits = model.decode(both(codes[:, t : t + 1]), t)[:, -1]
     finally:
         if kv_cache:
             model.clear_cache()
@@ -168,51 +169,52 @@ def speculative_generate(target, draft, labels, gamma=4, cfg_scale=1.0, temperat
     models, state = dict(target=target, draft=draft), {}
     modes = {role: model.training for role, model in models.items()}
     try:
-        for role, model in models.items():
-            model.eval()
-            model.setup_cache(len(labels))
-            # state: (codes fed so far, the raw logits predicting the next code)
-            state[role] = (0, model.prefill(labels, labels.new_zeros(len(labels), 0))[:, -1])
-            counts[role + "_calls"] += 1
-        t = 0
-        while t < T:
-            g = min(gamma, T - t - 1)
-            q, draft_logits = [], []  # per drafted code: probabilities (B, V) and raw logits
-            for i in range(g):
-                draft_logits.append(feed("draft", t + i)[1][:, -1])
-                state["draft"] = (t + i, draft_logits[-1])
-                q.append(probs_of(draft_logits[-1][:, None])[:, 0])
-                codes[:, t + i] = torch.multinomial(q[-1], 1, generator=generator)[:, 0]
-            # one target call scores every drafted code and the code after them
-            fed, raw = feed("target", t + g)
-            raw = raw[:, t - fed :]  # (B or 2B, g + 1, V): raw logits predicting codes t..t+g
-            p = probs_of(raw)
-            n = torch.zeros(B, dtype=torch.long, device=codes.device)
-            if g:
-                drafted, q = codes[:, t : t + g], torch.stack(q, 1)  # (B, g), (B, g, V)
-                if delta > 0:
-                    p[:, :g] = relax(p[:, :g].flatten(0, 1), drafted.flatten(), groups, delta).view(B, g, -1)
-                p_d, q_d = p[:, :g].gather(-1, drafted[..., None])[..., 0], q.gather(-1, drafted[..., None])[..., 0]
-                u = torch.rand(B, g, generator=generator, device=codes.device)
-                n = (u * q_d < p_d).long().cumprod(1).sum(1)  # (B,): drafts kept before the first rejection
-                counts["drafted"] += int((n + 1).clamp(max=g).sum())  # drafts tested: up to the first rejection
-                counts["accepted"] += int(n.sum())
-            m = int(n.min())
-            if m < g:  # rows that rejected draft m draw code t+m from the residual max(p - q, 0)
-                residual = (p[:, m] - q[:, m]).clamp(min=0)
-                # p == q up to rounding: a rejection had probability ~0, fall back to p
-                residual = torch.where(residual.sum(-1, keepdim=True) > 1e-12, residual, p[:, m])
-                fresh = torch.multinomial(residual, 1, generator=generator)[:, 0]
-                codes[:, t + m] = torch.where(n == m, fresh, codes[:, t + m])
-            else:
-                codes[:, t + m] = torch.multinomial(p[:, m], 1, generator=generator)[:, 0]
-            # rollback: each model keeps what it was fed up to code t+m; what it was fed after that stays
-            # in its cache, invisible (a query attends only to positions before its own) until overwritten
-            state["target"] = (t + m, raw[:, m])
-            if g:
-                keep = min(m, g - 1)  # the draft was fed codes up to t+g-2
-                state["draft"] = (t + keep, draft_logits[keep])
-            t += m + 1
+        with autocast(labels.device.type):  # bf16 on GPUs
+            for role, model in models.items():
+                model.eval()
+                model.setup_cache(len(labels))
+                # state: (codes fed so far, the raw logits predicting the next code)
+                state[role] = (0, model.prefill(labels, labels.new_zeros(len(labels), 0))[:, -1])
+                counts[role + "_calls"] += 1
+            t = 0
+            while t < T:
+                g = min(gamma, T - t - 1)
+                q, draft_logits = [], []  # per drafted code: probabilities (B, V) and raw logits
+                for i in range(g):
+                    draft_logits.append(feed("draft", t + i)[1][:, -1])
+                    state["draft"] = (t + i, draft_logits[-1])
+                    q.append(probs_of(draft_logits[-1][:, None])[:, 0])
+                    codes[:, t + i] = torch.multinomial(q[-1], 1, generator=generator)[:, 0]
+                # one target call scores every drafted code and the code after them
+                fed, raw = feed("target", t + g)
+                raw = raw[:, t - fed :]  # (B or 2B, g + 1, V): raw logits predicting codes t..t+g
+                p = probs_of(raw)
+                n = torch.zeros(B, dtype=torch.long, device=codes.device)
+                if g:
+                    drafted, q = codes[:, t : t + g], torch.stack(q, 1)  # (B, g), (B, g, V)
+                    if delta > 0:
+                        p[:, :g] = relax(p[:, :g].flatten(0, 1), drafted.flatten(), groups, delta).view(B, g, -1)
+                    p_d, q_d = p[:, :g].gather(-1, drafted[..., None])[..., 0], q.gather(-1, drafted[..., None])[..., 0]
+                    u = torch.rand(B, g, generator=generator, device=codes.device)
+                    n = (u * q_d < p_d).long().cumprod(1).sum(1)  # (B,): drafts kept before the first rejection
+                    counts["drafted"] += int((n + 1).clamp(max=g).sum())  # drafts tested: up to the first rejection
+                    counts["accepted"] += int(n.sum())
+                m = int(n.min())
+                if m < g:  # rows that rejected draft m draw code t+m from the residual max(p - q, 0)
+                    residual = (p[:, m] - q[:, m]).clamp(min=0)
+                    # p == q up to rounding: a rejection had probability ~0, fall back to p
+                    residual = torch.where(residual.sum(-1, keepdim=True) > 1e-12, residual, p[:, m])
+                    fresh = torch.multinomial(residual, 1, generator=generator)[:, 0]
+                    codes[:, t + m] = torch.where(n == m, fresh, codes[:, t + m])
+                else:
+                    codes[:, t + m] = torch.multinomial(p[:, m], 1, generator=generator)[:, 0]
+                # rollback: each model keeps what it was fed up to code t+m; what it was fed after that stays
+                # in its cache, invisible (a query attends only to positions before its own) until overwritten
+                state["target"] = (t + m, raw[:, m])
+                if g:
+                    keep = min(m, g - 1)  # the draft was fed codes up to t+g-2
+                    state["draft"] = (t + keep, draft_logits[keep])
+                t += m + 1
     finally:
         for role, model in models.items():
             model.clear_cache()
@@ -302,7 +304,9 @@ def main(argv=None):
     p.add_argument("--no-kv-cache", action="store_true",
                    help="recompute the whole prefix at every step: slow, for checking (default: off)")
     p.add_argument("--device", type=existing_device, default="cpu", help="torch device this machine has, e.g. cuda (default: cpu)")
+    add_decode_flag(p)
     args = p.parse_args(argv)
+    compile_decode(args.decode, torch.device(args.device).type)
     home = WEIGHTS if args.grid == 7 else Path(f"out/grid{args.grid}")
     args.ckpt, args.tokenizer = args.ckpt or str(home / "teacher.pt"), args.tokenizer or str(home / "tokenizer.pt")
     idle = [flag for flag, given in (("--relax-delta", args.relax_delta), ("--groups", args.groups),

@@ -30,7 +30,7 @@ from checks import int_list, positive_int
 from data import CLASSES, atomic_write
 from distill import train
 from evaluate import draw, table
-from model import load_checkpoint
+from model import compile_decode, load_checkpoint
 from sample import speculative_speed
 
 # name, method, flags, what it is, the paper's ImageNet FID (LlamaGen-L -> B; Table 1 and Table 2)
@@ -244,6 +244,7 @@ def main(argv=None):
     p.add_argument("--study-iters", type=positive_int, default=400, help="stage-2 steps of every row from the "
                    "stage-1 KD checkpoint, >= 1 (default: 400)")
     args = runs.get_args(argv, p)
+    compile_decode(args.decode, torch.device(args.device).type)
     seeds = args.seeds
     rank, _ = runs.setup_ddp(args)
     torch.manual_seed(args.seed + rank)

@@ -5,6 +5,7 @@
 Tests that train on Fashion-MNIST need the data (apt-get install dataset-fashion-mnist).
 """
 import ast
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -35,6 +36,8 @@ import diagnose
 import distill
 import evaluate
 import inception
+import model as model_module
+import runs
 import sample
 import study
 import tokenizer as tok
@@ -465,6 +468,77 @@ def test_multi_code_decode_matches_one_at_a_time():
     assert (at_once - one_by_one).abs().max() < 1e-5
 
 
+# ------------------------------------------------------- compiled decode and bf16 (the GPU paths, on a CPU)
+
+
+@pytest.mark.slow  # five compilations, ~1 min on 2 cores
+@torch.no_grad()
+def test_compiled_decode_gives_the_eager_logits_and_codes():
+    target, draft = tiny_model(0), tiny_model(1)
+    codes, labels = random_batch(target, B=4)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+
+    def decode_all():
+        target.setup_cache(len(labels))
+        logits = [target.prefill(labels, codes[:, :2])]
+        logits += [target.decode(codes[:, t : t + 1], t) for t in range(2, 6)]  # one code per call
+        logits.append(target.decode(codes[:, 6:9], 6))  # several, as a speculative target call
+        target.clear_cache()
+        return dict(logits=torch.cat(logits, 1),
+                    greedy=generate(target, labels, cfg_scale=2.0, temperature=0),  # CFG: a batch of 8
+                    speculative=speculative_generate(target, draft, labels, gamma=3, generator=g()),
+                    zipar=mixed_rollout(target, codes, labels, generator=g(), window=2)[0])
+
+    eager = decode_all()
+    model_module.compile_decode("compiled")
+    try:
+        compiled = decode_all()
+    finally:
+        model_module.compile_decode("eager")
+    assert model_module._compiled_decode is None
+    assert eager["logits"].abs().max() > 0.1 and (compiled["logits"] - eager["logits"]).abs().max() < 1e-5
+    assert torch.equal(compiled["greedy"], eager["greedy"])
+    assert torch.equal(compiled["speculative"][0], eager["speculative"][0])
+    assert compiled["speculative"][1] == eager["speculative"][1]
+    assert torch.equal(compiled["zipar"], eager["zipar"])
+
+
+@torch.no_grad()
+def test_bf16_autocast_sampling_runs_on_a_cpu_close_to_fp32():
+    model = tiny_model()
+    codes, labels = random_batch(model)
+    full = model(codes, labels)
+    with model_module.autocast("cpu", bf16=True):
+        model.setup_cache(len(labels))
+        assert model.layers[0].attention.kv_cache.k_cache.dtype == torch.bfloat16
+        cached = torch.cat([model.prefill(labels, codes[:, :5]), model.decode(codes[:, 5:-1], 5)], 1)
+        model.clear_cache()
+        sampled = generate(model, labels, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+        rollout, mask = mixed_rollout(model, codes, labels, generator=torch.Generator().manual_seed(0))
+    assert cached.dtype == torch.float32 and model.output.weight.dtype == torch.float32  # weights stay fp32
+    assert 0 < (cached - full).abs().max() < 0.05 * full.abs().max()  # bf16 rounding, not another model
+    assert sampled.shape == codes.shape and 0 <= sampled.min() and sampled.max() < 64
+    assert torch.equal(rollout[~mask], codes[~mask])
+    assert isinstance(model_module.autocast("cpu"), contextlib.nullcontext)  # CPUs sample in fp32 by default
+
+
+def test_bf16_autocast_training_loss_is_close_to_fp32():
+    student, teacher = tiny_model(0).train(), tiny_model(1)
+    codes, labels = random_batch(student, B=8)
+    args = runs.get_args(["--method", "varkd", "--no-parallel"])
+    groups = torch.arange(64) // 4
+    losses = []
+    for bf16 in (False, True):
+        with model_module.autocast("cpu", bf16=bf16):
+            loss = distill.method_loss(args, student, student, teacher, codes, labels, groups,
+                                       torch.Generator().manual_seed(0))
+        student.zero_grad()
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in student.parameters())
+        losses.append(loss.item())
+    assert losses[0] > 0.01 and abs(losses[1] - losses[0]) < 0.05 * losses[0]
+
+
 def test_generate_with_kv_cache_matches_reference_path():
     model = tiny_model()
     labels = torch.tensor([0, 1, 4, 4])
@@ -729,6 +803,17 @@ def test_training_lowers_the_held_out_nll(trained_setup):
     metrics = run_distill(trained_setup, "--max-iters", "40", "--lr", "3e-3", "--warmup", "5",
                           "--out", str(trained_setup / "lower.pt"))
     assert metrics["test_nll"] < np.log(256) - 0.5  # a zero-initialised head starts at log|V|
+
+
+@pytest.mark.slow  # the compilation of a training step: ~1 min on 2 cores
+def test_compiled_training_gives_the_eager_weights(trained_setup):
+    common = ["--max-iters", "4", "--warmup", "1", "--lr", "3e-3"]
+    eager = run_distill(trained_setup, *common, "--out", str(trained_setup / "eager.pt"))
+    compiled = run_distill(trained_setup, *common, "--compile", "--out", str(trained_setup / "compiled.pt"))
+    a, b = (torch.load(trained_setup / name, weights_only=True)["model"] for name in ("eager.pt", "compiled.pt"))
+    assert eager["test_nll"] < np.log(256) - 0.01  # four steps moved it off the uniform start
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    assert abs(eager["test_nll"] - compiled["test_nll"]) < 1e-4
 
 
 def distill_cmd(out, *extra):
