@@ -6,6 +6,8 @@ Frechet distance against scipy's sqrtm formula and the feature extractors' image
     python bench.py --device cuda --sizes B,L --batch-size 32
     python bench.py --imagenet --batch-size 8       # VQ-16 encoding, GPT-B and -L steps at 256 px: to extrapolate
     python bench.py --speculative                   # the main job's students drafting for its teacher
+    python bench.py --decode                        # eager against compiled decoding, the shipped parents
+    python bench.py --gpu-check                     # on a GPU: LlamaGen-B from -L, bf16 + compile, < 8 min
 
 Models are randomly initialised (speed does not depend on the weights; --speculative's acceptance
 does, so it loads the main job's checkpoints), with the default data's
@@ -14,13 +16,17 @@ is the median of --repeats timed runs after a warm-up; compare figures as ratios
 shared machines are noisy.
 """
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import classifier
 import distill
@@ -29,7 +35,7 @@ import runs
 import tokenizer as tok
 from checks import existing_device, positive_int, ranged
 from data import WEIGHTS
-from model import GPT, PRESETS, GPTConfig, load_checkpoint
+from model import GPT, PRESETS, GPTConfig, autocast, compile_decode, load_checkpoint
 from sample import generate, speculative_speed
 
 
@@ -71,12 +77,20 @@ def main():
     p.add_argument("--spec-images", type=positive_int, default=50, help="--speculative: images per figure, >= 1 (default: 50)")
     p.add_argument("--relax-delta", default="0", help="--speculative: LANTERN's relaxed acceptance budgets, "
                    "comma-separated, 0 = exact (default: 0)")
+    p.add_argument("--decode", action="store_true", help="only eager against compiled decoding: codes/s at batch 1 "
+                   "and --batch-size, a rollout, speculative sampling at batch 1 (the shipped teacher and student)")
+    p.add_argument("--gpu-check", action="store_true", help="only the GPU figures: LlamaGen-B steps from an -L "
+                   "teacher at 256 codes in bf16 + compile, GPT-B sampling eager and compiled, 2-rank DDP over nccl")
     args = p.parse_args()
     device = torch.device(args.device)
     if args.imagenet:
         return imagenet(args, device)
     if args.speculative:
         return speculative(args, device)
+    if args.decode:
+        return decode(args, device)
+    if args.gpu_check:
+        return gpu_check(device)
     B = args.batch_size
     print(f"device {device}, {torch.get_num_threads()} threads, batch {B}, {args.grid}x{args.grid} codes "
           f"of {args.vocab}, median of {args.repeats}")
@@ -185,6 +199,72 @@ def speculative(args, device):
                       f"{len(labels) / f['seconds']:>7.1f} {f['speed_up']:>8.2f}x {f['draft_cost']:>10.2f}x")
 
 
+def decode(args, device):
+    """Eager against compiled decoding (model.compile_decode), on the shipped teacher and student:
+    codes/s of generate() (no guidance) at batch 1 and --batch-size, a mixed rollout of --batch-size
+    real sequences, and speculative sampling at batch 1 (CFG 2, the student drafting for the teacher).
+    Each compiled figure is taken once every shape it needs is compiled (the compile column: the
+    first call's extra seconds, paid once per run; inductor caches them on disk for the next one)."""
+    tokenizer = tok.load_tokenizer(WEIGHTS / "tokenizer.pt")
+    teacher, student = (load_checkpoint(WEIGHTS / f"{name}.pt", tokenizer=tokenizer.fingerprint).to(device)
+                        for name in ("teacher", "student"))
+    T, B = teacher.config.block_size, args.batch_size
+    labels = torch.arange(B, device=device) % teacher.config.num_classes
+    codes = torch.randint(teacher.config.vocab_size, (B, T), device=device)
+    spec_labels = torch.arange(args.spec_images, device=device) % teacher.config.num_classes
+    gammas = [int(g) for g in args.gamma.split(",")]
+    cases = {f"{name} decode, batch {b}": (lambda m=m, b=b: generate(m, labels[:b]), b * T)
+             for name, m in (("teacher", teacher), ("student", student)) for b in (1, B)}
+    cases[f"student rollout of {B}"] = (lambda: distill.mixed_rollout(student, codes, labels,
+                                                                     generator=torch.Generator(device).manual_seed(0)),
+                                        None)
+    print(f"device {device}, {torch.get_num_threads()} threads, {teacher.config.grid_size}x"
+          f"{teacher.config.grid_size} codes, median of {args.repeats}; speculative: {len(spec_labels)} images "
+          f"one at a time, CFG 2.0")
+    print(f"{'':>28} {'eager':>14} {'compiled':>14} {'speed-up':>9} {'compile s':>10}")
+    figures = {}
+    for mode in ("eager", "compiled"):
+        compile_decode(mode, device.type)
+        for name, (fn, n) in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            first = time.perf_counter() - t0
+            figures[mode, name] = (timed(fn, device, args.repeats), first)
+        # what a speculative round rests on: scoring L codes in one teacher call against scoring one
+        teacher.setup_cache(2)
+        teacher.prefill(spec_labels[:1].repeat(2), codes[:1, :10].repeat(2, 1))
+        for n_codes in range(1, max(gammas) + 2):
+            call = lambda: teacher.decode(codes[:2, 10:10 + n_codes], 10)  # noqa: E731
+            call()
+            figures[mode, f"teacher call, {n_codes} codes"] = (timed(call, device, 20 * args.repeats), 0.0)
+        teacher.clear_cache()
+        for gamma in gammas:
+            spec = lambda: speculative_speed(teacher, {"student": student}, spec_labels, gamma, cfg_scale=2.0)  # noqa: E731
+            spec()  # every target call length (1 to gamma + 1 codes) compiled before the figure is taken
+            f = spec()
+            figures[mode, f"speculative gamma {gamma}"] = f
+    compile_decode("eager")
+    for name, (fn, n) in cases.items():
+        (eager, _), (compiled, first) = figures["eager", name], figures["compiled", name]
+        unit = (lambda t: f"{n / t:>8,.0f} cod/s") if n else (lambda t: f"{t * 1e3:>9.1f} ms  ")
+        print(f"{name:>28} {unit(eager)} {unit(compiled)} {eager / compiled:>8.2f}x {first - compiled:>10.1f}")
+    for n_codes in range(1, max(gammas) + 2):
+        name = f"teacher call, {n_codes} codes"
+        (eager, _), (compiled, _) = figures["eager", name], figures["compiled", name]
+        one_e, one_c = figures["eager", "teacher call, 1 codes"][0], figures["compiled", "teacher call, 1 codes"][0]
+        print(f"{name + ', CFG':>28} {eager * 1e3:>6.2f} ms {eager / one_e:>4.1f}x {compiled * 1e3:>6.2f} ms "
+              f"{compiled / one_c:>4.1f}x {eager / compiled:>8.2f}x   (x: of a one-code call)")
+    for gamma in gammas:
+        e, c = figures["eager", f"speculative gamma {gamma}"], figures["compiled", f"speculative gamma {gamma}"]
+        print(f"{'teacher alone, CFG 2':>28} {len(spec_labels) / e['target']['seconds']:>9.1f} img/s "
+              f"{len(spec_labels) / c['target']['seconds']:>9.1f} img/s {e['target']['seconds'] / c['target']['seconds']:>8.2f}x")
+        print(f"{f'speculative, gamma {gamma}':>28} {e['student']['speed_up']:>12.2f}x  {c['student']['speed_up']:>12.2f}x "
+              f"  (over the teacher alone in the same mode; accepted {c['student']['acceptance']:.1%}, "
+              f"{c['student']['codes_per_call']:.2f} codes per teacher call, draft call "
+              f"{e['student']['draft_cost']:.2f} / {c['student']['draft_cost']:.2f} of a teacher call)")
+    return figures
+
+
 def imagenet(args, device):
     """The paper's setting at its real sizes, random weights: what one step costs, per --batch-size."""
     B = args.batch_size
@@ -215,6 +295,106 @@ def imagenet(args, device):
         student.train()
         t = timed(step, device, args.repeats)
         print(f"GPT-B {method} step (L -> B), {B} x 256 codes: {t:.2f} s, {B * 256 / t:,.0f} tokens/s")
+
+
+def gpu_check(device, student="B", teacher="L", grid=16, vocab=16384, classes=1000, batch=32, sample_batch=64,
+              steps=10, bf16=None):
+    """The paths only a GPU runs, in one go (under 8 minutes on one GPU at the defaults): a ce, kd and varkd
+    step of LlamaGen-B from an -L teacher at 256 codes (random weights) in bf16 autocast with the student
+    compiled, with peak memory; CFG sampling of GPT-B, eager and compiled decode (bf16); DDP over nccl
+    on 2 ranks if the machine has 2 GPUs. Returns the figures; the tests run it on a CPU at tiny sizes."""
+    cuda = device.type == "cuda"
+    print(f"device {torch.cuda.get_device_name(device) if cuda else device}, torch {torch.__version__}, "
+          f"{student} from {teacher} at {grid}x{grid} codes of {vocab}, bf16 {bf16 if bf16 is not None else cuda}")
+    shape = dict(vocab_size=vocab, num_classes=classes, grid_size=grid)
+    model = GPT(GPTConfig(**PRESETS[student], **shape)).to(device)
+    big = GPT(GPTConfig(**PRESETS[teacher], **shape)).to(device).eval().requires_grad_(False)
+    for m in (model, big):  # a zero head would make every rollout uniform
+        torch.nn.init.normal_(m.output.weight, std=0.02)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step_fn = torch.compile(model)
+    codes = torch.randint(vocab, (batch, grid * grid), device=device)
+    labels = torch.randint(classes, (batch,), device=device)
+    groups = torch.arange(vocab, device=device) % (vocab // 4)
+    figures = {}
+    compile_decode("auto", device.type)  # the rollouts of varkd, as distill.py runs them: compiled on GPUs
+    print(f"{'step':>14} {'batch':>6} {'s/step':>8} {'tokens/s':>10} {'peak GiB':>9} {'compile s':>10}")
+    for method in ("ce", "kd", "varkd"):
+        margs = runs.get_args(["--method", method, "--batch-size", str(batch)])
+
+        def step():
+            with autocast(device.type, bf16):
+                loss = distill.method_loss(margs, step_fn, model, big, codes, labels, groups,
+                                           torch.Generator(device).manual_seed(0))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss
+
+        model.train()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        loss = step()  # compiles the student's forward and backward
+        first = time.perf_counter() - t0
+        t = timed(step, device, steps)
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else float("nan")
+        figures[method] = dict(seconds=t, peak_gib=peak, loss=loss.item())
+        print(f"{method:>14} {batch:>6} {t:>8.3f} {batch * grid * grid / t:>10,.0f} {peak:>9.1f} {first - t:>10.1f}")
+    model.eval()
+    sample_labels = torch.arange(sample_batch, device=device) % classes
+    print(f"{'sampling':>14} {'batch':>6} {'img/s':>8} {'compile s':>10}  (CFG 2.0, {student})")
+    greedy = {}
+    for mode in ("eager", "compiled"):
+        compile_decode(mode, device.type)
+        with autocast(device.type, bf16):
+            t0 = time.perf_counter()
+            greedy[mode] = generate(model, sample_labels, cfg_scale=2.0, temperature=0)
+            first = time.perf_counter() - t0
+            t = timed(lambda: generate(model, sample_labels, cfg_scale=2.0), device, 1)
+        figures[f"sample_{mode}"] = dict(images_per_s=sample_batch / t)
+        print(f"{mode:>14} {sample_batch:>6} {sample_batch / t:>8.1f} {max(first - t, 0):>10.1f}")
+    compile_decode("eager")
+    figures["greedy_agreement"] = (greedy["eager"] == greedy["compiled"]).float().mean().item()
+    print(f"greedy codes equal, eager vs compiled: {figures['greedy_agreement']:.1%} (bf16 rounding may flip near-ties)")
+    if cuda and torch.cuda.device_count() >= 2:
+        figures["ddp"] = ddp_check(student, shape, batch, steps)
+        print(f"DDP, 2 ranks over nccl, {student} ce step in bf16, batch {batch} per rank: "
+              f"{figures['ddp']:.3f} s/step")
+    else:
+        print("DDP over nccl: skipped, it needs 2 GPUs")
+    return figures
+
+
+def ddp_check(preset, shape, batch, steps):
+    """Seconds per DDP training step of `preset` on 2 GPUs over nccl (spawned ranks, like torchrun's)."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29512")
+    out = torch.zeros(1).share_memory_()
+    mp.spawn(ddp_rank, args=(preset, shape, batch, steps, out), nprocs=2)
+    return out.item()
+
+
+def ddp_rank(rank, preset, shape, batch, steps, out):
+    dist.init_process_group("nccl", rank=rank, world_size=2)
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    model = DDP(GPT(GPTConfig(**PRESETS[preset], **shape)).to(device), device_ids=[rank])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    codes = torch.randint(shape["vocab_size"], (batch, shape["grid_size"] ** 2), device=device)
+    labels = torch.randint(shape["num_classes"], (batch,), device=device)
+
+    def step():
+        with autocast("cuda"):
+            loss = F.cross_entropy(model(codes, labels).flatten(0, 1), codes.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t = timed(step, device, steps)
+    if rank == 0:
+        out[0] = t
+    dist.destroy_process_group()
 
 
 def evaluation(args, device):

@@ -539,6 +539,18 @@ def test_bf16_autocast_training_loss_is_close_to_fp32():
     assert losses[0] > 0.01 and abs(losses[1] - losses[0]) < 0.05 * losses[0]
 
 
+@pytest.mark.slow  # compiles a training step and two decode graphs: ~1 min on 2 cores
+def test_gpu_check_script_runs_its_paths_at_tiny_sizes_on_a_cpu():
+    import bench
+    figures = bench.gpu_check(torch.device("cpu"), student="tiny", teacher="tiny", grid=4, vocab=64, classes=5,
+                              batch=4, sample_batch=3, steps=1, bf16=False)  # bf16 has its own tests above
+    assert {"ce", "kd", "varkd"} <= set(figures) and "ddp" not in figures  # no 2 GPUs here: skipped, said so
+    assert all(figures[m]["seconds"] > 0 and np.isfinite(figures[m]["loss"]) for m in ("ce", "kd", "varkd"))
+    assert figures["ce"]["loss"] > figures["kd"]["loss"] > 0  # CE over 64 codes ~ log 64; a KL of near twins is small
+    assert figures["greedy_agreement"] == 1.0  # fp32: compiled decoding draws the eager codes
+    assert model_module._compiled_decode is None  # left as found
+
+
 def test_generate_with_kv_cache_matches_reference_path():
     model = tiny_model()
     labels = torch.tensor([0, 1, 4, 4])
