@@ -370,7 +370,9 @@ def open_run(args, tokenizer, splits, role=None):
             print(f"{args.out} stopped at step {run.start}: continuing it ({what})")
     elif rank == 0:
         stage = "teacher" if role == "teacher" else args.method
-        default = args.size == ("teacher" if role == "teacher" else "student") and args.batch_size == 128
+        # the figures are the 7x7 grid's; at 14x14 a step costs several times more: no estimate
+        default = (args.size == ("teacher" if role == "teacher" else "student") and args.batch_size == 128
+                   and args.grid == 7)
         minutes = MINUTES.get(stage, 0) * args.max_iters / 1000
         about = f", about {minutes:.0f} minutes on 2 CPU cores" if default and minutes else ""
         print(f"no {role} at {args.out}: training one ({what}{about})" if role else f"{what}{about}")
