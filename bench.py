@@ -273,52 +273,31 @@ def imagenet(args, device):
     images = torch.randint(0, 256, (B, 256, 256, 3), dtype=torch.uint8).numpy()
     t = timed(lambda: vq.encode(images), device, args.repeats)
     print(f"VQ-16 encode, 256 px -> 16x16 codes: {B / t:.2f} images/s ({t / B * 1e3:.0f} ms per image)")
-    shape = dict(vocab_size=16384, num_classes=1000, grid_size=16)
-    student, teacher = (GPT(GPTConfig(**PRESETS[n], **shape)).to(device) for n in ("B", "L"))
-    teacher.eval().requires_grad_(False)
-    torch.nn.init.normal_(student.output.weight, std=0.02)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    codes = torch.randint(16384, (B, 256), device=device)
-    labels = torch.randint(1000, (B,), device=device)
-    groups = torch.arange(16384, device=device) % 4096
-    t_fwd = timed(lambda: teacher(codes, labels), device, args.repeats)
-    print(f"GPT-L forward (no grad), {B} x 256 codes: {t_fwd:.2f} s")
-    for method in ("ce", "kd", "varkd"):
-        margs = runs.get_args(["--method", method, "--batch-size", str(B)])
-
-        def step():
-            g = torch.Generator(device).manual_seed(0)
-            loss = distill.method_loss(margs, student, student, teacher, codes, labels, groups, g)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        student.train()
-        t = timed(step, device, args.repeats)
-        print(f"GPT-B {method} step (L -> B), {B} x 256 codes: {t:.2f} s, {B * 256 / t:,.0f} tokens/s")
+    paper_steps(device, batch=B, repeats=args.repeats)
 
 
-def gpu_check(device, student="B", teacher="L", grid=16, vocab=16384, classes=1000, batch=32, sample_batch=64,
-              steps=10, bf16=None):
-    """The paths only a GPU runs, in one go (under 8 minutes on one GPU at the defaults): a ce, kd and varkd
-    step of LlamaGen-B from an -L teacher at 256 codes (random weights) in bf16 autocast with the student
-    compiled, with peak memory; CFG sampling of GPT-B, eager and compiled decode (bf16); DDP over nccl
-    on 2 ranks if the machine has 2 GPUs. Returns the figures; the tests run it on a CPU at tiny sizes."""
+def paper_steps(device, student="B", teacher="L", grid=16, vocab=16384, classes=1000, batch=8, repeats=3,
+                bf16=None, compiled=False):
+    """The teacher's forward pass, then one ce, kd and varkd step of `student` from `teacher` (random
+    weights; LlamaGen's B from L at 256 codes by default), bf16 autocast on GPUs, the student optionally
+    compiled. Prints and returns the figures (seconds, peak GiB on GPUs, loss, first-call extra seconds)
+    and the student."""
     cuda = device.type == "cuda"
-    print(f"device {torch.cuda.get_device_name(device) if cuda else device}, torch {torch.__version__}, "
-          f"{student} from {teacher} at {grid}x{grid} codes of {vocab}, bf16 {bf16 if bf16 is not None else cuda}")
     shape = dict(vocab_size=vocab, num_classes=classes, grid_size=grid)
     model = GPT(GPTConfig(**PRESETS[student], **shape)).to(device)
     big = GPT(GPTConfig(**PRESETS[teacher], **shape)).to(device).eval().requires_grad_(False)
     for m in (model, big):  # a zero head would make every rollout uniform
         torch.nn.init.normal_(m.output.weight, std=0.02)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    step_fn = torch.compile(model)
+    step_fn = torch.compile(model) if compiled else model
     codes = torch.randint(vocab, (batch, grid * grid), device=device)
     labels = torch.randint(classes, (batch,), device=device)
     groups = torch.arange(vocab, device=device) % (vocab // 4)
-    figures = {}
-    compile_decode("auto", device.type)  # the rollouts of varkd, as distill.py runs them: compiled on GPUs
-    print(f"{'step':>14} {'batch':>6} {'s/step':>8} {'tokens/s':>10} {'peak GiB':>9} {'compile s':>10}")
+    with torch.no_grad(), autocast(device.type, bf16):
+        t = timed(lambda: big(codes, labels), device, repeats)
+    figures = {"teacher_forward": t}
+    print(f"{teacher} forward (no grad), {batch} x {grid * grid} codes: {t:.3f} s")
+    print(f"{student + ' step':>14} {'batch':>6} {'s/step':>8} {'tokens/s':>10} {'peak GiB':>9} {'1st call +s':>12}")
     for method in ("ce", "kd", "varkd"):
         margs = runs.get_args(["--method", method, "--batch-size", str(batch)])
 
@@ -335,12 +314,27 @@ def gpu_check(device, student="B", teacher="L", grid=16, vocab=16384, classes=10
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        loss = step()  # compiles the student's forward and backward
+        loss = step()  # warm-up; compiles the student's forward and backward if asked
         first = time.perf_counter() - t0
-        t = timed(step, device, steps)
+        t = timed(step, device, repeats)
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else float("nan")
         figures[method] = dict(seconds=t, peak_gib=peak, loss=loss.item())
-        print(f"{method:>14} {batch:>6} {t:>8.3f} {batch * grid * grid / t:>10,.0f} {peak:>9.1f} {first - t:>10.1f}")
+        print(f"{method:>14} {batch:>6} {t:>8.3f} {batch * grid * grid / t:>10,.0f} {peak:>9.1f} {first - t:>12.1f}")
+    return figures, model
+
+
+def gpu_check(device, student="B", teacher="L", grid=16, vocab=16384, classes=1000, batch=32, sample_batch=64,
+              steps=10, bf16=None):
+    """The paths only a GPU runs, in one go (under 8 minutes on one GPU at the defaults): a ce, kd and varkd
+    step of LlamaGen-B from an -L teacher at 256 codes (random weights) in bf16 autocast with the student
+    compiled, with peak memory; CFG sampling of GPT-B, eager and compiled decode (bf16); DDP over nccl
+    on 2 ranks if the machine has 2 GPUs. Returns the figures; the tests run it on a CPU at tiny sizes."""
+    cuda = device.type == "cuda"
+    print(f"device {torch.cuda.get_device_name(device) if cuda else device}, torch {torch.__version__}, "
+          f"{student} from {teacher} at {grid}x{grid} codes of {vocab}, bf16 {bf16 if bf16 is not None else cuda}")
+    shape = dict(vocab_size=vocab, num_classes=classes, grid_size=grid)
+    compile_decode("auto", device.type)  # the rollouts of varkd, as distill.py runs them: compiled on GPUs
+    figures, model = paper_steps(device, student, teacher, grid, vocab, classes, batch, steps, bf16, compiled=True)
     model.eval()
     sample_labels = torch.arange(sample_batch, device=device) % classes
     print(f"{'sampling':>14} {'batch':>6} {'img/s':>8} {'compile s':>10}  (CFG 2.0, {student})")
