@@ -2,6 +2,7 @@
 
     python study.py --seeds 0,1,2              # the README's study, on the shipped parents
     python study.py --seeds 0 --study-iters 200
+    python study.py --grid 14 --seeds 0 --rows kd_cont,varkd   # the long horizon: a few rows, one seed
 
 The shipped tokenizer, teacher and no-KD student (weights/) serve every seed (with --tokenizer of
 your own, they are built once under the out-dir). Per seed, under out/study/seed<s>/: stage-1 KD
@@ -61,6 +62,15 @@ SPECULATIVE = [("spec_acceptance", "drafts accepted", 3), ("spec_codes_per_call"
                ("spec_speed_up", "speed-up", 2), ("spec_draft_cost", "draft cost per call", 2)]
 
 
+def row_list(text):
+    """--rows: comma-separated names from ROWS, kept in ROWS' order."""
+    names, known = {n.strip() for n in text.split(",") if n.strip()}, [name for name, *_ in ROWS]
+    if not names or names - set(known):
+        raise argparse.ArgumentTypeError(f"unknown row(s) {', '.join(sorted(names - set(known))) or '(none given)'}: "
+                                         f"give comma-separated names from {', '.join(known)}")
+    return [n for n in known if n in names]
+
+
 def study_runs(args, seed):
     """The runs of one seed, parents first: [(name, run args)]. Stage-1 KD starts from the one no-KD
     student (the shipped one, or <out-dir>/ce/ckpt.pt with another tokenizer) with the seed's data
@@ -70,7 +80,7 @@ def study_runs(args, seed):
     kd = runs.get_args([], **{**shared, "max_iters": args.kd_iters}, method="kd", out=f"{base}/kd/ckpt.pt")
     stage2 = {**shared, "max_iters": args.study_iters, "init": kd.out}
     return [("kd", kd)] + [(name, runs.get_args(["--method", method, *flags], **stage2, out=f"{base}/{name}/ckpt.pt"))
-                           for name, method, flags, _, _ in ROWS]
+                           for name, method, flags, _, _ in ROWS if name in args.rows]
 
 
 def run(args, tokenizer, splits, seeds):
@@ -145,7 +155,7 @@ def summarise(lines, seeds, args):
     continued (same number of steps) by more than the larger of the two spreads."""
     info = {"teacher": ("teacher", None, "ce", [])} | {n: (what, fid, "ce" if n == "ce" else "kd", [])
                                                        for n, what, fid in STAGE1}
-    info |= {n: (what, fid, method, flags) for n, method, flags, what, fid in ROWS}
+    info |= {n: (what, fid, method, flags) for n, method, flags, what, fid in ROWS if n in args.rows}
     fid = {key: line.get("FID-cls") for key, line in lines.items()}
     rows = []
     for name, (what, paper, method, flags) in info.items():
@@ -160,13 +170,16 @@ def summarise(lines, seeds, args):
                                            for s in seeds])
         rows.append(row)
     by_name = {r["name"]: r for r in rows}
-    if "FID-cls" in by_name["kd_cont"]:
+    if "FID-cls" in by_name.get("kd_cont", {}):
         base = by_name["kd_cont"]["FID-cls"]
         for r in rows[3:]:
             if r["name"] != "kd_cont":
                 m = r["FID-cls"]
                 r["beats_kd_cont"] = base["mean"] - m["mean"] > max(base["std"], m["std"])
-    return {"command": f"python study.py --seeds {','.join(map(str, args.seeds))} --kd-iters {args.kd_iters} --study-iters {args.study_iters}",
+    rows_flag = "" if len(args.rows) == len(ROWS) else f" --rows {','.join(args.rows)}"
+    grid_flag = "" if args.grid == 7 else f" --grid {args.grid}"
+    return {"command": f"python study.py{grid_flag} --seeds {','.join(map(str, args.seeds))} --kd-iters {args.kd_iters} "
+                       f"--study-iters {args.study_iters}{rows_flag}",
             "ce_iters": lines[("ce", seeds[0])]["steps"], "kd_iters": args.kd_iters, "study_iters": args.study_iters,
             "eval_samples": args.eval_samples, "eval_cfg": args.eval_cfg, "rows": rows,
             "wall_time_training": sum(line.get("wall_time", 0.0) for line in lines.values()),
@@ -243,6 +256,9 @@ def main(argv=None):
                    ">= 1 (default: 400)")
     p.add_argument("--study-iters", type=positive_int, default=400, help="stage-2 steps of every row from the "
                    "stage-1 KD checkpoint, >= 1 (default: 400)")
+    p.add_argument("--rows", type=row_list, default=[name for name, *_ in ROWS], help="comma-separated rows to run "
+                   "after stage 1, e.g. kd_cont,varkd for a quick look at a long horizon (default: all: "
+                   f"{','.join(name for name, *_ in ROWS)})")
     args = runs.get_args(argv, p)
     compile_decode(args.decode, torch.device(args.device).type)
     seeds = args.seeds

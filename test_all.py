@@ -1273,6 +1273,19 @@ def test_the_study_writes_its_results_and_resumes_without_redoing_finished_runs(
     assert torch.load(lost, weights_only=True)["fingerprint"] == before  # the same weights: runs are reproducible
     for old, new in zip(results["rows"], again["rows"]):  # measured once: the same figures (wall time aside)
         assert old["FID-cls"] == new["FID-cls"] and old["test_nll"] == new["test_nll"], old["name"]
+    # a few rows (the long horizon's quick look): nothing trained again, only those rows reported
+    few = study.main(argv + ["--rows", "varkd,kd_cont"])
+    assert [r["name"] for r in few["rows"]] == ["teacher", "ce", "kd", "kd_cont", "varkd"]
+    assert few["command"].endswith("--rows kd_cont,varkd") and "beats_kd_cont" in few["rows"][-1]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_study_rows_must_be_names_of_its_rows(capsys):
+    assert study.row_list("varkd, kd_cont") == ["kd_cont", "varkd"]  # in the table's order
+    with pytest.raises(SystemExit):
+        study.main(["--rows", "varkd,vark"])
+    err = capsys.readouterr().err
+    assert "unknown row(s) vark: give comma-separated names from kd_cont," in err
 
 
 @pytest.mark.slow
