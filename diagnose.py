@@ -3,6 +3,7 @@ contexts versus on student contexts?
 
     python diagnose.py                                   # shipped teacher and no-KD student
     python diagnose.py --student out/varkd/ckpt.pt --num-seqs 1000
+    python diagnose.py --compare out/diagnosis.json out/grid14/diagnosis.json   # 49 and 196 codes side by side
 
 Peruzzo et al. (2026, arXiv 2606.06078) build VarKD on the claim that "long decoding horizons and
 visual token ambiguity make teacher supervision unreliable, especially under student-conditioned
@@ -23,6 +24,9 @@ rollout at temperature 1). At every such position, from the teacher's p_T and th
 
 Reported per distance after the prefix (bands of one grid row) and per row of the code grid, in
 <out-dir>/diagnosis.md and .json, with heat maps over the code grid in <out-dir>/diagnosis.png.
+--compare puts diagnoses at different grids side by side, the distance after the prefix measured in
+the image's height (a band of 1/7 of the image is 7 codes at 7x7 and 28 at 14x14): does the teacher's
+signal on student contexts degrade faster when the same image takes 4x the codes?
 """
 import json
 import math
@@ -154,6 +158,53 @@ def report(d, grid, names):
     return "\n".join(lines) + "\n"
 
 
+def read_diagnosis(path):
+    try:
+        d = json.loads(Path(path).read_text())
+        assert all(key in d for key in ("seq_len", "distances", *CONTEXTS))
+        return d
+    except (OSError, ValueError, AssertionError, TypeError):
+        raise SystemExit(f"--compare {path}: not a diagnosis; pass the .json that python diagnose.py wrote "
+                         f"(<out-dir>/diagnosis.json)") from None
+
+
+def compare(ds, names):
+    """Diagnoses of the same image at different grids (their json), side by side: truncation, then per
+    band of the distance after the prefix in fractions of the image height (as many bands as the
+    coarsest grid has rows), each cell data / student."""
+    grids = [round(math.sqrt(d["seq_len"])) for d in ds]
+    n = min(grids)
+    if any(g % n or g * g != d["seq_len"] for g, d in zip(grids, ds)):
+        raise SystemExit(f"--compare needs square grids that are multiples of the coarsest ({n}x{n}); got "
+                         f"{', '.join(str(d['seq_len']) + ' codes' for d in ds)}")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    lines = ["# The diagnosis at " + " and ".join(f"{g * g} codes ({g}x{g})" for g in grids), "",
+             "Each cell: data context / student context, nats per code; alpha threshold "
+             + ", ".join(str(d["threshold"]) for d in ds) + ". From " + ", ".join(f"`{x}`" for x in names) + ".", "",
+             "| codes | context | sequences truncated | median cut, codes after the prefix | (image height) | sampled positions kept |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for g, d in zip(grids, ds):
+        for c in CONTEXTS:
+            median = d[c]["cut_distance_median"]
+            lines.append(f"| {g * g} | {c} | {d[c]['cut_share']:.3f} | {fmt(median)} | "
+                         f"{'-' if median is None else f'{median / (g * g):.2f}'} | {d[c]['kept_share']:.3f} |")
+    lines += ["", "| after the prefix (image height) | codes | positions | " + " | ".join(label for _, label in QUANTITIES)
+              + " | NLL(real) student - data | student / data |", "|---|---:|---:|" + "---:|" * (len(QUANTITIES) + 2)]
+    for b in range(n):
+        for g, d in zip(grids, ds):
+            width = g * g // n
+            count = int(sum(d["distances"][b * width:(b + 1) * width]))
+            if count == 0:
+                continue
+            cells = {(c, q): bands(d[c]["by_distance"][q], d["distances"], width)[b] for c in CONTEXTS for q, _ in QUANTITIES}
+            # the NLL per code is lower on a finer grid (each code says less): the ratio compares across grids
+            real, drift = cells["data", "nll_real"], cells["student", "nll_real"]
+            growth = "- | -" if None in (real, drift) or real == 0 else f"{drift - real:.3f} | {drift / real:.2f}"
+            lines.append(f"| {b}/{n} - {b + 1}/{n} | {b * width}-{(b + 1) * width - 1} | {count} | " + " | ".join(
+                f"{fmt(cells['data', q])} / {fmt(cells['student', q])}" for q, _ in QUANTITIES) + f" | {growth} |")
+    return "\n".join(lines) + "\n"
+
+
 def colour(values, lo, hi, diverging=False):
     """values (H, W) -> RGB uint8: dark blue to yellow, or blue-white-red around 0 when diverging; grey for NaN."""
     anchors = (np.array([[59, 76, 192], [255, 255, 255], [180, 4, 38]]) if diverging else
@@ -199,7 +250,16 @@ def main(argv=None):
     p.add_argument("--num-seqs", type=positive_int, default=2000, help="test sequences diagnosed, >= 1 (default: 2000)")
     p.add_argument("--name", default="diagnosis", help="output files <out-dir>/<name>.md, .json and .png "
                    "(default: diagnosis)")
+    p.add_argument("--compare", nargs="+", metavar="JSON", help="no diagnosis: put these diagnoses (their .json, "
+                   "e.g. out/diagnosis.json out/grid14/diagnosis.json) side by side in <out-dir>/<name>_compare.md")
     args = runs.get_args(argv, p)
+    if args.compare:
+        ds = [read_diagnosis(path) for path in args.compare]
+        text = compare(ds, args.compare)
+        path = Path(args.out_dir) / f"{args.name}_compare.md"
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        print(text + f"\nwrote {path}")
+        return text
     compile_decode(args.decode, torch.device(args.device).type)
     t0 = time.time()
     tokenizer, splits = runs.load_data(args)

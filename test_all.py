@@ -1116,6 +1116,34 @@ def test_diagnose_cli_writes_its_tables_json_and_heat_maps(trained_setup, tiny_t
     assert Image.open(trained_setup / "diag.png").size[0] > 3 * 7 * 16
 
 
+def test_diagnoses_at_7x7_and_14x14_are_compared_by_image_height(tmp_path, capsys):
+    def fake(grid):  # every quantity = 1 + the band of the image height (7 bands), + 1 on student contexts
+        T = grid * grid
+        band = [float(t // (T // 7)) for t in range(T)]
+        ctx = lambda shift: {"by_distance": {q: [v + shift for v in band] for q, _ in diagnose.QUANTITIES},
+                             "cut_share": 0.5, "cut_distance_median": float(T // 2), "kept_share": 0.9}
+        return {"seq_len": T, "threshold": 0.1, "distances": [1.0] * (T - T // 7) + [0.0] * (T // 7), "data": ctx(1), "student": ctx(2)}
+    paths = [tmp_path / "d7.json", tmp_path / "d14.json"]
+    for path, grid in zip(paths, (7, 14)):
+        path.write_text(json.dumps(fake(grid)))
+    text = diagnose.main(["--compare", *map(str, paths), "--out-dir", str(tmp_path)])
+    assert (tmp_path / "diagnosis_compare.md").read_text() == text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "/7 - " in line]
+    assert len(rows) == 2 * 6  # the last seventh of the image is never after a prefix here: no row
+    for b in range(6):
+        for line, codes, count in zip(rows[2 * b:2 * b + 2], (f"{7 * b}-{7 * b + 6}", f"{28 * b}-{28 * b + 27}"), (7, 28)):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            assert cells[:3] == [f"{b}/7 - {b + 1}/7", codes, str(count)]
+            assert cells[3:9] == [f"{b + 1:.3f} / {b + 2:.3f}"] * 6 and cells[9:] == ["1.000", f"{(b + 2) / (b + 1):.2f}"]
+    assert "| 196 | student | 0.500 | 98.000 | 0.50 | 0.900 |" in text
+    bad = fake(7) | {"seq_len": 50}
+    paths[0].write_text(json.dumps(bad))
+    with pytest.raises(SystemExit, match="square grids"):
+        diagnose.main(["--compare", *map(str, paths), "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not a diagnosis; pass the .json"):
+        diagnose.main(["--compare", str(tmp_path / "diagnosis_compare.md"), "--out-dir", str(tmp_path)])
+
+
 def test_sample_and_evaluate_look_in_the_14x14_tree_with_grid_14(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="out/grid14/tokenizer.pt"):
