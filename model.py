@@ -83,9 +83,10 @@ def precompute_freqs_cis_2d(grid_size, head_dim, base):
 
 
 def apply_rotary_emb(x, freqs_cis):
-    # x (B, S, H, head_dim), freqs_cis (S, head_dim // 2, 2); rotates adjacent pairs, in fp32
+    # x (B, S, H, head_dim), freqs_cis (S or B, S, head_dim // 2, 2); rotates adjacent pairs, in fp32
     pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, S, H, head_dim // 2, 2)
-    cos, sin = freqs_cis[None, :, None, :, 0], freqs_cis[None, :, None, :, 1]
+    freqs_cis = freqs_cis if freqs_cis.dim() == 4 else freqs_cis[None]  # (1 or B, S, head_dim // 2, 2)
+    cos, sin = freqs_cis[:, :, None, :, 0], freqs_cis[:, :, None, :, 1]
     a, b = pairs[..., 0], pairs[..., 1]
     return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(3).type_as(x)
 
@@ -112,10 +113,12 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, pos, k, v):
-        # k, v (B, H, S, head_dim) for positions pos (S,); a batch smaller than the cache's is fine
+        # k, v (B, H, S, head_dim) for positions pos (B, S), each row its own; a batch smaller than
+        # the cache's is fine
         B = k.shape[0]
-        self.k_cache[:B, :, pos] = k
-        self.v_cache[:B, :, pos] = v
+        rows = torch.arange(B, device=pos.device)[:, None]
+        self.k_cache[rows, :, pos] = k.transpose(1, 2)  # the indexed view is (B, S, H, head_dim)
+        self.v_cache[rows, :, pos] = v.transpose(1, 2)
         return self.k_cache[:B], self.v_cache[:B]  # (B, H, 1 + T, head_dim)
 
 
@@ -198,7 +201,7 @@ class GPT(nn.Module):
         nn.init.zeros_(self.output.weight)  # LlamaGen starts from uniform predictions
 
     def _transformer(self, h, pos=None):
-        # h (B, S, C): the embedded inputs at sequence positions pos (S,); pos None: 0..S-1, no cache
+        # h (B, S, C): the embedded inputs at sequence positions pos (S,) or (B, S); None: 0..S-1, no cache
         S = h.shape[1]
         h = self.token_dropout(h)
         if pos is None:
@@ -206,14 +209,17 @@ class GPT(nn.Module):
         else:
             if self.layers[0].attention.kv_cache is None:
                 raise RuntimeError("prefill/decode need a KV cache: call model.setup_cache(batch_size) first")
-            freqs_cis = self.freqs_cis[pos]
+            pos = pos.expand(h.shape[0], S)  # (B, S): one row of positions per sequence
+            freqs_cis = self.freqs_cis[pos]  # (B, S, head_dim // 2, 2)
             # every cache slot is attended to, masked: a query sees the keys at or before its position
-            # that have been written. Slots beyond it (stale after a speculative rollback) and slots
-            # never written (ZipAR's rows decoded ahead of the row above) are invisible. The shapes
-            # stay those of the whole cache, so one compiled graph serves every position.
-            self.written.index_fill_(0, pos, True)
-            key_pos = torch.arange(len(self.written), device=h.device)
-            mask = (key_pos[None, :] <= pos[:, None]) & self.written[None, :]  # (S, 1 + T)
+            # that its sequence has written. Slots beyond it (stale after a speculative rollback) and
+            # slots not written (ZipAR's rows decoded ahead of the row above, the rest of a shorter
+            # prefix) are invisible. The shapes stay those of the whole cache, so one compiled graph
+            # serves every position.
+            written = self.written[:h.shape[0]]  # (B, 1 + T)
+            written.scatter_(1, pos, True)
+            key_pos = torch.arange(written.shape[1], device=h.device)
+            mask = ((key_pos[None, None, :] <= pos[:, :, None]) & written[:, None, :])[:, None]  # (B, 1, S, 1 + T)
         for layer in self.layers:
             h = layer(h, freqs_cis, pos, mask)
         return self.output(self.norm(h)).float()  # (B, S, V)
@@ -247,28 +253,39 @@ class GPT(nn.Module):
             layer.attention.kv_cache = KVCache(batch_size, c.n_head, 1 + c.block_size, c.dim // c.n_head,
                                                dtype, weight.device)
         # a buffer, not a plain attribute: CUDA graphs replay only mutations of the model's own buffers
-        self.register_buffer("written", torch.zeros(1 + c.block_size, dtype=torch.bool, device=weight.device),
-                             persistent=False)  # (1 + T,)
+        self.register_buffer("written", torch.zeros(batch_size, 1 + c.block_size, dtype=torch.bool,
+                                                    device=weight.device), persistent=False)  # (B, 1 + T)
 
     def clear_cache(self):
         for layer in self.layers:
             layer.attention.kv_cache = None
 
-    def prefill(self, labels, codes):
+    def prefill(self, labels, codes, lengths=None):
         """labels (B,), codes (B, k), k >= 0 -> logits (B, k + 1, V); logits[:, i] predicts code i.
 
         Writes sequence positions 0..k (class token, then the codes) into the cache and forgets
-        anything written after them.
+        anything written after them. lengths (B,): sequence b keeps only its first lengths[b] codes
+        (prefixes of different lengths in one call; its logits up to code lengths[b] are exact).
         """
         self.written.zero_()
-        return self._transformer(self._embed(labels, codes), torch.arange(codes.shape[1] + 1, device=labels.device))
+        logits = self._transformer(self._embed(labels, codes), torch.arange(codes.shape[1] + 1, device=labels.device))
+        if lengths is not None:
+            key_pos = torch.arange(self.written.shape[1], device=labels.device)
+            self.forget(key_pos[None, :] > lengths[:, None])
+        return logits
+
+    def forget(self, slots):
+        """slots (B, 1 + T) bool: makes those cache positions invisible until written again (a
+        stand-in query of ZipAR's, the rest of a shorter prefix)."""
+        self.written[:len(slots)] &= ~slots
 
     def decode(self, codes, start):
         """codes (B, L) are codes start..start+L-1 -> logits (B, L, V); logits[:, i] predicts code start+i+1.
 
         Writes sequence positions start+1..start+L (position 0 is the class token). `start` may also
-        be a LongTensor (L,) of code indices, not necessarily contiguous (ZipAR's parallel decoding):
-        each code then attends to the written positions before its own.
+        be a LongTensor of code indices, (L,) or one row per sequence (B, L), not necessarily
+        contiguous (ZipAR's parallel decoding): each code then attends to the positions before its own
+        that its sequence has written.
         """
         if isinstance(start, int):
             start = torch.arange(start, start + codes.shape[1], device=codes.device)

@@ -28,14 +28,14 @@ METHODS = ("ce", "kd", "seqkd", "onpolicy", "varkd")
 # steps (ce: the shipped student's), where it starts (the paper's two stages: kd from the no-KD
 # student, {student}: the shipped one with the shipped tokenizer; stage 2 from kd), its peak
 # learning rate (ce trains from scratch), GKD's lambda and beta, VarKD's (our choice where the
-# paper is silent: rollouts on every step; the reverse KL it writes), and which rollout positions
-# are supervised (GKD scores whole sequences; VarKD is about the student-sampled contexts)
+# paper is silent: rollouts on every step; the reverse KL it writes), and what a rollout's real
+# prefix gets (prefix-kd: teacher-forced KD, since a class-conditional sampler draws those codes too)
 DEFAULTS = {
     "ce": dict(max_iters=12000, init="none", lr=3e-3, lam=0.0, beta=0.5, supervise="all"),
     "kd": dict(max_iters=400, init="{student}", lr=1e-3, lam=0.0, beta=0.5, supervise="all"),
     "seqkd": dict(max_iters=400, init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=0.0, beta=0.5, supervise="all"),
-    "onpolicy": dict(max_iters=400, init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=0.1, beta=0.5, supervise="all"),
-    "varkd": dict(max_iters=400, init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=1.0, beta=1.0, supervise="sampled"),
+    "onpolicy": dict(max_iters=400, init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=0.1, beta=0.5, supervise="prefix-kd"),
+    "varkd": dict(max_iters=400, init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=1.0, beta=1.0, supervise="prefix-kd"),
 }
 # flags every run of one pipeline shares: the parents built for a run get them too
 SHARED = ("out_dir", "data_dir", "grid", "flip", "image_size", "tokenizer", "teacher", "teacher_preset", "teacher_size",
@@ -88,9 +88,11 @@ def parser(description=None):
                     "0.1 for onpolicy as GKD; 1.0 for varkd, our choice: the paper is silent)")
     kd.add_argument("--beta", type=fraction, help="generalized JSD beta in [0, 1], 0 forward KL, 1 reverse KL (default: "
                     "0.5 for onpolicy as GKD; 1.0 for varkd, the reverse KL of the paper)")
-    kd.add_argument("--supervise", choices=["all", "sampled"], help="on a rollout, supervise every position, "
-                    "the real prefix included, or only the student-sampled ones (default: all for onpolicy, as "
-                    "GKD scores whole sequences; sampled for varkd, the student contexts it is about)")
+    kd.add_argument("--supervise", choices=["prefix-kd", "all", "sampled"], help="on a rollout's real prefix: "
+                    "prefix-kd = teacher-forced KD (forward KL, as kd) there and the method's divergence on the "
+                    "student-sampled codes; all = the method's divergence everywhere (GKD scores whole sequences); "
+                    "sampled = the sampled codes only (default: prefix-kd for onpolicy and varkd: a class-"
+                    "conditional sampler draws the prefix's codes too)")
     kd.add_argument("--prefix-frac", type=fraction_range, default="0.25,0.75", help="real prefix length range as "
                     "fractions lo,hi of T, 0 <= lo <= hi < 1 (default: 0.25,0.75)")
     kd.add_argument("--threshold", type=fraction, default=0.1, help="varkd truncation threshold on alpha, in "
@@ -100,8 +102,8 @@ def parser(description=None):
     kd.add_argument("--no-groups", action="store_true", help="varkd ablation: no codebook relaxation")
     kd.add_argument("--groups", type=positive_int, help="codebook groups, 1 to |V| (default: |V|/4)")
     kd.add_argument("--no-parallel", action="store_true", help="varkd ablation: sequential rollouts, not ZipAR")
-    kd.add_argument("--window", type=positive_int, default=4, help="ZipAR window: a row starts when the row above "
-                    "is this many codes in, >= 1 (default: 4)")
+    kd.add_argument("--window", type=positive_int, default=5, help="ZipAR window: a row starts once this many codes "
+                    "of the row above are decoded, >= 1; the grid side or more = raster order (default: 5 of 7)")
     kd.add_argument("--pool-size", type=positive_int, default=8192, help="seqkd: teacher samples per pool, >= 1 "
                     "(default: 8192)")
     kd.add_argument("--pool-refresh", type=positive_int, default=250, help="seqkd: steps between new pools, >= 1; at batch 128 "
@@ -328,6 +330,9 @@ def open_run(args, tokenizer, splits, role=None):
         teacher, fingerprints["teacher"], _ = load_parent(args.teacher, "teacher", fingerprints, device,
                                                           args.teacher_preset, tokenizer)
         teacher.requires_grad_(False)
+        if teacher.config.num_classes != config.num_classes:  # the null class of one is a real class of the other
+            raise SystemExit(f"the teacher {args.teacher} has {teacher.config.num_classes} classes, the data "
+                             f"{config.num_classes}: pass a teacher trained on these classes as --teacher")
     init_measured = {}
     if args.init != "none":
         init, fingerprints["init"], init_measured = load_parent(args.init, "student", fingerprints, device,

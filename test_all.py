@@ -942,7 +942,7 @@ def test_gkd_on_a_mask_averages_the_masked_positions_only_and_each_method_has_it
     per = distill.jsd(torch.log_softmax(s, -1), torch.log_softmax(t, -1), 0.5)
     assert torch.allclose(distill.gkd_loss(s, t, 0.5, mask), per[mask].mean())
     assert torch.allclose(distill.gkd_loss(s, t, 0.5), per.mean()) and not torch.allclose(per[mask].mean(), per.mean())
-    assert [distill.runs.get_args(["--method", m]).supervise for m in ("onpolicy", "varkd")] == ["all", "sampled"]
+    assert [distill.runs.get_args(["--method", m]).supervise for m in ("onpolicy", "varkd")] == ["prefix-kd"] * 2
     assert distill.runs.get_args(["--method", "onpolicy", "--supervise", "sampled"]).supervise == "sampled"
 
 
@@ -982,6 +982,59 @@ def test_codebook_groups_sum_probabilities_before_the_kl():
     q_s, q_t = torch.tensor([0.75, 0.25]), torch.tensor([0.5, 0.5])
     expected = (q_s * (q_s / q_t).log()).sum()
     assert torch.allclose(distill.varkd_loss(s, t2, one, mask, groups), expected, atol=1e-6)
+
+
+def test_group_logp_is_exact_for_groups_of_any_mass():
+    logits = torch.tensor([[[0.0, -150.0, -160.0, 5.0]]], requires_grad=True)  # group 1 holds ~e^-155 of the mass
+    groups = torch.tensor([0, 1, 1, 0])
+    got = distill.group_logp(logits, groups, 2)
+    logp = logits.double().log_softmax(-1)
+    expected = torch.stack([logp[..., [0, 3]].logsumexp(-1), logp[..., [1, 2]].logsumexp(-1)], -1)
+    assert torch.allclose(got.double(), expected, rtol=1e-5) and got[0, 0, 1] < -150
+    got[0, 0, 1].backward()
+    assert logits.grad[0, 0, 1] > 0.5  # a gradient, not a clamp
+
+
+def prefix_setup(supervise, seed=0):
+    """A varkd step on a rollout (lambda 1) of a tiny student, with the student's logits kept for
+    their gradient: the supervised positions are those whose logits get one."""
+    student, teacher = tiny_model(seed).train(), tiny_model(seed + 1)
+    codes, labels = random_batch(student, B=6)
+    args = runs.get_args(["--method", "varkd", "--no-parallel", "--supervise", supervise, "--no-groups"])
+    kept = {}
+
+    def step_fn(c, y):
+        kept["logits"] = student(c, y)
+        kept["logits"].retain_grad()
+        return kept["logits"]
+
+    loss = distill.method_loss(args, step_fn, student, teacher, codes, labels, None, torch.Generator().manual_seed(0))
+    loss.backward()
+    return kept["logits"].grad.abs().sum(-1), teacher, codes, labels  # (B, T)
+
+
+def test_prefix_kd_gives_every_position_a_signal_and_sampled_leaves_the_prefix_out():
+    grad_prefix_kd = prefix_setup("prefix-kd")[0]
+    grad_sampled = prefix_setup("sampled")[0]
+    prefix = grad_sampled == 0  # the real prefix of each rollout (the same rollout: same generator)
+    assert prefix.any(1).all() and not prefix.all(1).any()
+    assert (grad_prefix_kd > 0).all()  # every position a sampler draws gets a signal
+    T = prefix.shape[1]
+    assert prefix[:, :int(0.25 * T)].all()  # the first quarter, never trained under "sampled"
+
+
+def test_prefix_kd_is_forward_kl_on_the_prefix_and_weighted_reverse_kl_on_the_rest():
+    student, teacher = tiny_model(0).train(), tiny_model(1)
+    codes, labels = random_batch(student, B=6)
+    args = runs.get_args(["--method", "varkd", "--no-parallel", "--no-groups"])  # prefix-kd by default
+    loss = distill.method_loss(args, student, student, teacher, codes, labels, None, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    torch.rand(1, generator=g)  # the step's draw of rollout or data
+    rolled, sampled = mixed_rollout(student, codes, labels, args.prefix_frac, g)
+    s, t = student(rolled, labels), teacher(rolled, labels)
+    weights = distill.entropy_weights(t, args.threshold, sampled)
+    per = torch.where(sampled, weights * kl(s, t), kl(t, s))  # reverse KL weighted, forward KL on the prefix
+    assert torch.allclose(loss, per.mean(), atol=1e-5)
 
 
 def test_entropy_weights_are_one_minus_normalised_entropy_and_truncate_after_first_low():
@@ -1028,8 +1081,8 @@ def test_sequential_rollout_samples_from_the_student_distribution():
     assert (freq - p).abs().max() < 0.03
 
 
-def test_zipar_schedule_covers_every_code_once_and_waits_for_the_row_above():
-    grid, window = 7, 4
+def test_zipar_schedule_covers_every_code_once_and_waits_for_window_codes_of_the_row_above():
+    grid, window = 7, 5
     steps = zipar_schedule(grid, 10, window)
     flat = [p for s in steps for p in s]
     assert sorted(flat) == list(range(10, 49))
@@ -1038,10 +1091,49 @@ def test_zipar_schedule_covers_every_code_once_and_waits_for_the_row_above():
         r, c = divmod(p, grid)
         if c > 0 and p - 1 >= 10:
             assert when[p] > when[p - 1]
-        above = (r - 1) * grid + min(c + window, grid - 1)
+        above = (r - 1) * grid + min(c + window - 1, grid - 1)  # ZipAR: `window` codes of the row above
         if r > 0 and above >= 10:
             assert when[p] > when[above]
     assert len(steps) < 49 - 10  # fewer decoding steps than codes
+    assert zipar_schedule(grid, 10, grid) == tuple((p,) for p in range(10, 49))  # a whole row: raster order
+
+
+@torch.no_grad()
+def rollout_kl(model, codes, labels, window, prefix_frac=(0.25, 0.75)):
+    """KL(exact || used) per position (B, T) of a rollout: the model's conditional on the finished
+    sequence (what raster decoding draws from) against the logits each code was drawn from; 0 on the prefix."""
+    used = torch.zeros(*codes.shape, model.config.vocab_size)
+    out, mask = mixed_rollout(model, codes, labels, prefix_frac, torch.Generator().manual_seed(1), window, used)
+    exact = model(out, labels).log_softmax(-1)
+    return torch.where(mask, (exact.exp() * (exact - used.log_softmax(-1))).sum(-1), 0.0), out, mask
+
+
+def test_zipar_rollout_is_exact_in_raster_order_and_close_at_every_position_with_a_window():
+    student = load_checkpoint(data.WEIGHTS / "student.pt")  # a trained model: near-uniform ones would hide a wrong cell
+    labels = torch.arange(200) % 10
+    codes = generate(student, labels, generator=torch.Generator().manual_seed(0))
+    T, grid = codes.shape[1], student.config.grid_size
+    for window in (0, grid):  # sequential, and ZipAR with a whole row as window: exact
+        kl, out, mask = rollout_kl(student, codes, labels, window)
+        assert kl.abs().max() < 1e-4 and torch.equal(out[~mask], codes[~mask])
+    kl, _, mask = rollout_kl(student, codes, labels, 5)
+    per_position = kl.sum(0) / mask.sum(0).clamp_min(1)  # (T,)
+    row_starts = torch.arange(T) % grid == 0
+    # a row start drawn from the cell of the row above (its logits predict that row's next code) is
+    # 5-7 nats off; its own query, the code above standing in, well under 1
+    assert per_position[row_starts].max() < 1.0 and per_position[~row_starts].max() < 0.05
+    assert per_position[row_starts].max() > 0.05  # ZipAR is an approximation there, and the test can see it
+
+
+def test_rollout_decodes_each_prefix_as_a_prefix():
+    # prefixes of different lengths in one batch: every sequence's first sampled code is drawn from the
+    # model's conditional on its own whole prefix, as raster decoding would (at any window)
+    model = tiny_model(grid_size=5)
+    codes, labels = random_batch(model, B=32)
+    for window in (0, 2):
+        kl, _, mask = rollout_kl(model, codes, labels, window, (0.2, 0.8))
+        first = mask.float().argmax(1)  # (B,) = k
+        assert len(set(first.tolist())) > 3 and kl[torch.arange(32), first].abs().max() < 1e-4
 
 
 def diagnosed(teacher, student, groups, threshold=0.1):
