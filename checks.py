@@ -59,6 +59,17 @@ def int_list(text):
     return values
 
 
+def scale_list(text):
+    """'1,1.5,2' -> [1.0, 1.5, 2.0]: guidance scales, each finite and >= 0, duplicates dropped."""
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 1,1.5,2,3") from None
+    if not all(math.isfinite(v) and 0 <= v <= 100 for v in values):
+        raise argparse.ArgumentTypeError(f"{text}: pass guidance scales in [0, 100], e.g. 1,1.5,2,3")
+    return list(dict.fromkeys(values))
+
+
 def fraction_range(text):
     """'lo,hi' with 0 <= lo <= hi < 1 -> (lo, hi)."""
     try:

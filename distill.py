@@ -372,7 +372,7 @@ def train(args, tokenizer, splits, role=None):
                                      f"{kept(args, saved)}")
                 if rank == 0:
                     if done == args.max_iters:
-                        metrics.update(held_out(model, test_codes, test_labels, teacher))
+                        metrics.update(held_out(model, test_codes, test_labels, teacher, by_row=True))
                     metrics["step"] = done
                     runs.save_checkpoint(args.out, model, optimizer, done, args, run.fingerprints, metrics)
                 saved = done

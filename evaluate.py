@@ -19,6 +19,7 @@ beside the target (under <out-dir>/weights/ for a shipped file).
 """
 import argparse
 import functools
+import io
 import json
 import os
 import time
@@ -28,11 +29,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from classifier import as_input, load_classifier
-from checks import check_output, count, existing_device, non_negative, output_lock, positive_int, ranged, read_checkpoint
+from checks import check_output, count, existing_device, output_lock, positive_int, ranged, read_checkpoint, scale_list
 from data import WEIGHTS, atomic_write, beside, fingerprint, load_fashion_mnist, load_image_folder, save_grid
 from inception import InceptionV3, load_inception  # noqa: F401 (re-exported: evaluate.InceptionV3, evaluate.load_inception)
 from model import add_decode_flag, compile_decode, load_checkpoint
@@ -192,8 +193,8 @@ def read_png(path):
 
 
 def load_target(target, args):
-    """A checkpoint (samples drawn), an .npz (arr_0 images, arr_1 labels if present) or a folder
-    of PNGs -> uint8 images (N, H, W, C), labels or None."""
+    """A checkpoint (samples drawn at each --cfg-scale), an .npz (arr_0 images, arr_1 labels if
+    present) or a folder of PNGs -> [(uint8 images (N, H, W, C), labels or None)], one per scale."""
     path = Path(target)
     if path.is_dir():
         files = sorted(path.glob("*.png"))
@@ -204,7 +205,7 @@ def load_target(target, args):
             odd = next(f for f, im in zip(files, images) if im.shape != images[0].shape)
             raise SystemExit(f"{path} holds PNGs of different shapes ({files[0].name} is {images[0].shape}, {odd.name} "
                              f"{images[files.index(odd)].shape}): pass a folder of samples of one size and mode")
-        return np.stack(images), None
+        return [(np.stack(images), None)]
     if path.suffix == ".npz":
         try:
             npz = np.load(path)
@@ -215,12 +216,13 @@ def load_target(target, args):
         if images.ndim not in (3, 4) or (labels is not None and labels.shape != images.shape[:1]):
             raise SystemExit(f"{path} holds images {images.shape} and labels {None if labels is None else labels.shape}: "
                              f"pass images (N, H, W[, C]) under arr_0 and N labels under arr_1")
-        return (images[..., None] if images.ndim == 3 else images), labels
+        return [((images[..., None] if images.ndim == 3 else images), labels)]
     if not path.exists():
         raise SystemExit(f"no {path}: pass a checkpoint, an .npz of uint8 images or a folder of PNGs")
     tokenizer = load_tokenizer(args.tokenizer, image_size=args.image_size).to(args.device)
     model = load_checkpoint(path, args.preset, tokenizer.cfg.grid_size, tokenizer.fingerprint).to(args.device)
-    return draw(model.eval(), tokenizer, args.num_samples, args.cfg_scale, seed=args.seed, rank=args.rank, world=args.world)
+    return [draw(model.eval(), tokenizer, args.num_samples, scale, seed=args.seed, rank=args.rank, world=args.world)
+            for scale in args.cfg_scale]
 
 
 def reference_images(ref, size, data_dir):
@@ -284,23 +286,31 @@ def evaluate_images(images, labels, features, out_dir, data_dir, inception_weigh
 
 
 @torch.no_grad()
-def held_out(model, codes, labels, teacher=None, batch_size=500):
+def held_out(model, codes, labels, teacher=None, batch_size=500, by_row=False):
     """Test NLL per code (nats) and, with a teacher, KL(p_T || p_model) per code on the same data
-    contexts: how far a student is from what it is taught."""
+    contexts: how far a student is from what it is taught. by_row: also both per row of the code
+    grid, top to bottom (test_nll_rows, test_kl_rows): where in the image a student drifts."""
     was_training = model.training
     model.eval()
-    nll = kl = 0.0
+    T = codes.shape[1]
+    nll, kl = torch.zeros(T, dtype=torch.float64), torch.zeros(T, dtype=torch.float64)  # sums per position
     # the whole test split at 196 codes with a teacher takes minutes on a CPU: a bar, not silence
     for i in tqdm(range(0, len(codes), batch_size), desc="held-out NLL", leave=False, disable=len(codes) <= 4 * batch_size):
         x, y = codes[i:i + batch_size], labels[i:i + batch_size]
         logp = F.log_softmax(model(x, y), -1)  # (B, T, V)
-        nll -= logp.gather(-1, x[..., None]).sum().item()
+        nll -= logp.gather(-1, x[..., None])[..., 0].sum(0).double().cpu()
         if teacher is not None:
-            kl += F.kl_div(logp, F.log_softmax(teacher(x, y), -1), log_target=True, reduction="sum").item()
+            t_logp = F.log_softmax(teacher(x, y), -1)
+            kl += (t_logp.exp() * (t_logp - logp)).sum(-1).sum(0).double().cpu()
     model.train(was_training)
-    out = {"test_nll": nll / codes.numel()}
+    out = {"test_nll": nll.sum().item() / codes.numel()}
     if teacher is not None:
-        out["test_kl"] = kl / codes.numel()
+        out["test_kl"] = kl.sum().item() / codes.numel()
+    if by_row:
+        grid = model.config.grid_size
+        out["test_nll_rows"] = (nll.view(grid, grid).sum(1) / (len(codes) * grid)).tolist()
+        if teacher is not None:
+            out["test_kl_rows"] = (kl.view(grid, grid).sum(1) / (len(codes) * grid)).tolist()
     return out
 
 
@@ -334,42 +344,58 @@ def cached_metrics(target, key):
 
 
 def report(path, ckpt, tokenizer, test_codes, test_labels, teacher, teacher_fp, args):
-    """The table line of the checkpoint at `path`, computed once and kept in metrics.json with the
-    fingerprints it was measured with, and a grid of samples beside it (<path>.png): ten per class,
-    the first of the same sampling seed for every model."""
+    """The table line of the checkpoint at `path`: its held-out figures (NLL and KL to the teacher, in
+    all and per grid row) and, at each guidance scale of args.eval_cfg, the sample figures and a grid
+    of samples beside it (<path>.cfg<s>.png: ten per class, the same sampling seed for every model).
+    Each is computed once and kept in metrics.json with the fingerprints it was measured with."""
     shadow = beside(path, args.out_dir)  # its samples and metrics.json (out/weights/ for a shipped file)
     weights_fp = ckpt.get("fingerprint") or fingerprint(*(v.numpy() for v in ckpt["model"].values()))
-    key = fingerprint(weights_fp, teacher_fp, args.eval_samples, args.eval_cfg, args.seed)
-    line = cached_metrics(shadow, key)
-    if line is not None and shadow.with_suffix(".png").exists():
-        return line
-    device = test_codes.device
-    model = load_checkpoint(path, tokenizer=tokenizer.fingerprint).to(device).eval()
-    classes = model.config.num_classes
-    t0 = time.time()
-    images, labels = draw(model, tokenizer, max(args.eval_samples, 10 * classes), args.eval_cfg, seed=args.seed)
-    # the test NLL and KL were measured at the end of training, against this teacher (its fingerprint
-    # is the checkpoint's): measured here only when missing, the teacher's KL to itself is 0
-    held = {k: ckpt["metrics"][k] for k in ("test_nll", "test_kl") if k in ckpt["metrics"]}
-    if teacher is not None and weights_fp == teacher_fp:
-        held["test_kl"] = 0.0
-    if "test_nll" not in held or ("test_kl" not in held and teacher is not None):
-        held = held_out(model, test_codes, test_labels, teacher)
-    line = {"params": sum(p.numel() for p in model.parameters()), "steps": ckpt["step"],
-            "wall_time": ckpt["metrics"].get("wall_time", 0.0), "teacher_seqs": ckpt["metrics"].get("teacher_seqs", 0),
-            **held}
-    if args.eval_samples > 0:
-        line.update(evaluate_images(images, labels, "cls", args.out_dir, args.data_dir, device=device))
-    line.update(eval_time=time.time() - t0, samples=str(shadow.with_suffix(".png")))
-    order = np.argsort(labels[:10 * classes], kind="stable")  # labels cycle through the classes
-    save_grid(images[order].reshape(classes, 10, *images.shape[1:]), shadow.with_suffix(".png"))
-    save_metrics(shadow, key, line)
-    return {"key": key, **line}
+    model = None
+    held_key = fingerprint(weights_fp, teacher_fp)
+    line = cached_metrics(shadow, held_key)
+    if line is None:
+        model = load_checkpoint(path, tokenizer=tokenizer.fingerprint).to(test_codes.device).eval()
+        # the end of a training run measured them against its teacher; else (a shipped file) here, once.
+        # The teacher's KL to itself is 0
+        recorded = ckpt["metrics"]
+        if "test_kl_rows" in recorded and ckpt.get("fingerprints", {}).get("teacher") == teacher_fp:
+            held = {k: recorded[k] for k in ("test_nll", "test_kl", "test_nll_rows", "test_kl_rows")}
+        else:
+            held = held_out(model, test_codes, test_labels, None if weights_fp == teacher_fp else teacher, by_row=True)
+        if teacher is not None and weights_fp == teacher_fp:
+            held.update(test_kl=0.0, test_kl_rows=[0.0] * len(held["test_nll_rows"]))
+        line = {"params": sum(p.numel() for p in model.parameters()), "steps": ckpt["step"],
+                "wall_time": ckpt["metrics"].get("wall_time", 0.0),
+                "teacher_seqs": ckpt["metrics"].get("teacher_seqs", 0), **held}
+        save_metrics(shadow, held_key, line)
+    line = {k: v for k, v in line.items() if k != "key"}
+    line["cfg"] = {}
+    for scale in args.eval_cfg if args.eval_samples > 0 else []:
+        at = shadow.with_name(f"{shadow.name}@cfg{scale:g}")  # an entry of its own in metrics.json
+        key = fingerprint(weights_fp, teacher_fp, args.eval_samples, scale, args.seed)
+        samples = shadow.with_suffix(f".cfg{scale:g}.png")
+        figures = cached_metrics(at, key)
+        if figures is None or not samples.exists():
+            model = model or load_checkpoint(path, tokenizer=tokenizer.fingerprint).to(test_codes.device).eval()
+            t0 = time.time()
+            images, labels = draw(model, tokenizer, max(args.eval_samples, 10 * model.config.num_classes), scale,
+                                  seed=args.seed)
+            figures = evaluate_images(images, labels, "cls", args.out_dir, args.data_dir, device=test_codes.device)
+            figures.update(eval_time=time.time() - t0, samples=str(samples))
+            order = np.argsort(labels[:10 * model.config.num_classes], kind="stable")  # labels cycle the classes
+            save_grid(images[order].reshape(model.config.num_classes, 10, *images.shape[1:]), samples)
+            save_metrics(at, key, figures)
+        line["cfg"][scale] = {k: v for k, v in figures.items() if k != "key"}
+    if line["cfg"]:  # each model at its own best scale: one fixed scale is another point of each curve
+        best = min(line["cfg"], key=lambda s: line["cfg"][s]["FID-cls"])
+        line.update(best_cfg=best, **line["cfg"][best])
+    return line
 
 
 def table(paths, tokenizer, test_codes, test_labels, args):
-    """Print one line per finished checkpoint in `paths` (duplicates and unfinished runs skipped);
-    args: teacher, teacher_preset, out_dir, data_dir, eval_samples, eval_cfg, seed, device."""
+    """Print the lines of every finished checkpoint in `paths` (duplicates and unfinished runs skipped),
+    one per guidance scale; args: teacher, teacher_preset, out_dir, data_dir, eval_samples, eval_cfg
+    (a list of scales), seed, device. With two scales or more, <out-dir>/fid_vs_cfg.png plots them."""
     device = torch.device(args.device)
     test_codes, test_labels = test_codes.to(device), test_labels.to(device)
     teacher, teacher_fp = None, ""
@@ -379,8 +405,8 @@ def table(paths, tokenizer, test_codes, test_labels, args):
     if args.eval_samples > 0:
         load_extractor("cls", args.data_dir, None, device)  # refused if missing, before the table
     cols = ("FID-cls", "KID-cls", "precision-cls", "recall-cls", "IS-cls", "class_acc-cls")
-    print(f"\n{'model':<22} {'params':>7} {'steps':>5} {'NLL':>6} {'KL(T|m)':>7} {'FID-cls':>7} {'KID-cls':>7} "
-          f"{'prec':>5} {'recall':>6} {'IS-cls':>6} {'acc':>5} {'train':>6}  samples")
+    print(f"\n{'model':<22} {'params':>7} {'steps':>5} {'NLL':>6} {'KL(T|m)':>7} {'train':>6} {'CFG':>4} {'FID-cls':>7} "
+          f"{'KID-cls':>7} {'prec':>5} {'recall':>6} {'IS-cls':>6} {'acc':>5}  samples")
     lines = {}
     for path in dict.fromkeys(str(p) for p in paths):
         if not Path(path).exists():
@@ -389,14 +415,62 @@ def table(paths, tokenizer, test_codes, test_labels, args):
         if "metrics" not in ckpt or ckpt["step"] != ckpt["args"]["max_iters"]:
             continue  # unfinished, or not trained here (a LlamaGen teacher: no figures recorded)
         m = lines[path] = report(path, ckpt, tokenizer, test_codes, test_labels, teacher, teacher_fp, args)
-        figures = [f"{m['test_kl']:.4f}" if "test_kl" in m else "-"] + [
-            f"{m[c]:.{digits}f}" if c in m else "-" for c, digits in zip(cols, (2, 2, 3, 3, 2, 3))]
-        print(f"{path:<22} {m['params'] / 1e6:>6.2f}M {m['steps']:>5} {m['test_nll']:>6.3f} " +
-              " ".join(f"{f:>{w}}" for f, w in zip(figures, (7, 7, 7, 5, 6, 6, 5))) +
-              f" {m['wall_time'] / 60:>5.1f}m  {m['samples']}")
+        kl = f"{m['test_kl']:.4f}" if "test_kl" in m else "-"
+        head = f"{path:<22} {m['params'] / 1e6:>6.2f}M {m['steps']:>5} {m['test_nll']:>6.3f} {kl:>7} {m['wall_time'] / 60:>5.1f}m"
+        for i, (scale, f) in enumerate(m["cfg"].items() or [(None, {})]):
+            figures = [f"{f[c]:.{d}f}" if c in f else "-" for c, d in zip(cols, (2, 2, 3, 3, 2, 3))]
+            print(f"{head if i == 0 else '':<{len(head)}} {'-' if scale is None else f'{scale:g}':>4} " +
+                  " ".join(f"{x:>{w}}" for x, w in zip(figures, (7, 7, 5, 6, 6, 5))) + f"  {f.get('samples', '')}")
     print(f"(NLL and KL(teacher || model) in nats per code on the test split; the -cls figures on "
-          f"{args.eval_samples} samples at CFG {args.eval_cfg} against the test split; train: wall time)")
+          f"{args.eval_samples} samples at each CFG scale against the test split; train: wall time)")
+    curves = {Path(p).parent.name if Path(p).name == "ckpt.pt" else Path(p).stem: m["cfg"] for p, m in lines.items()}
+    if args.eval_samples > 0 and len(args.eval_cfg) > 1 and curves:
+        cfg_plot({n: {s: f["FID-cls"] for s, f in c.items()} for n, c in curves.items()}, Path(args.out_dir) / "fid_vs_cfg.png")
     return lines
+
+
+def cfg_plot(curves, path, spreads=None, title="FID-cls against classifier-free guidance"):
+    """A line per model of {name: {scale: FID-cls}} (and error bars from spreads, the same shape),
+    drawn with PIL alone; written atomically to path."""
+    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+               (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+    W, H, left, right, top, bottom = 760, 420, 60, 210, 30, 40
+    scales = sorted({s for c in curves.values() for s in c})
+    values = [v for c in curves.values() for v in c.values()]
+    err = [spreads[n][s] for n in curves for s in curves[n]] if spreads else [0.0]
+    lo, hi = min(values) - max(err), max(values) + max(err)
+    lo, hi = lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9)
+    x = lambda s: left + (W - left - right) * (s - scales[0]) / max(scales[-1] - scales[0], 1e-9)
+    y = lambda v: top + (H - top - bottom) * (hi - v) / (hi - lo)
+    canvas = Image.new("RGB", (W, H), "white")
+    pen = ImageDraw.Draw(canvas)
+    pen.text((left, 8), title, fill=0)
+    pen.rectangle([left, top, W - right, H - bottom], outline=(0, 0, 0))
+    for s in scales:
+        pen.line([x(s), H - bottom, x(s), H - bottom + 4], fill=0)
+        pen.text((x(s) - 8, H - bottom + 6), f"{s:g}", fill=0)
+    pen.text(((left + W - right) // 2 - 30, H - 16), "CFG scale", fill=0)
+    for i in range(5):
+        v = lo + (hi - lo) * i / 4
+        pen.line([left - 4, y(v), left, y(v)], fill=0)
+        pen.text((4, y(v) - 6), f"{v:.1f}", fill=0)
+    for i, (name, curve) in enumerate(curves.items()):
+        colour = palette[i % len(palette)]
+        points = [(x(s), y(curve[s])) for s in sorted(curve)]
+        if len(points) > 1:
+            pen.line(points, fill=colour, width=2)
+        for s, (px, py) in zip(sorted(curve), points):
+            pen.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+            if spreads:
+                e = spreads[name][s]
+                pen.line([px, y(curve[s] + e), px, y(curve[s] - e)], fill=colour)
+        ly = top + 14 * i
+        pen.line([W - right + 12, ly + 6, W - right + 30, ly + 6], fill=colour, width=2)
+        pen.text((W - right + 36, ly), name[:26], fill=0)
+    png = io.BytesIO()
+    canvas.save(png, format="PNG")
+    if not (Path(path).exists() and Path(path).read_bytes() == png.getvalue()):  # a table run again changes nothing
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(png.getvalue()))
 
 
 def main(argv=None):
@@ -407,8 +481,9 @@ def main(argv=None):
     # not --n: torchrun's parser would take it for an abbreviation of one of its own flags
     p.add_argument("--num-samples", type=ranged(int, MIN_SAMPLES), default=10000, help="samples drawn from a checkpoint, "
                    f"class-balanced, split over the ranks under torchrun, >= {MIN_SAMPLES} (default: 10000; ImageNet: 50000)")
-    p.add_argument("--cfg-scale", type=non_negative, default=2.0, help="classifier-free guidance of the samples, "
-                   ">= 0, as LlamaGen's --cfg-scale (default: 2.0)")
+    p.add_argument("--cfg-scale", type=scale_list, default="2.0", help="classifier-free guidance of a checkpoint's "
+                   "samples, >= 0, as LlamaGen's --cfg-scale; a list (1,1.5,2,3) scores each scale in one call, on "
+                   "one reference pass (default: 2.0)")
     p.add_argument("--seed", type=count, default=0, help="sampling seed, >= 0 (default: 0)")
     p.add_argument("--ref", help="real reference: an .npz with mu/sigma (e.g. ADM's VIRTUAL_imagenet256_labeled.npz) "
                    "and/or arr_0 images, or an image folder (default: the Fashion-MNIST test split)")
@@ -449,29 +524,40 @@ def main(argv=None):
     check_output(metrics_json, "the target's")
     metrics_entries(metrics_json)  # a foreign one is refused now, not after the work
     check_output(Path(args.out_dir, "ref", "features.npz"), "--out-dir")
-    t0 = time.time()
-    images, labels = load_target(args.target, args)
     saved = Path(args.target).is_dir() or Path(args.target).suffix == ".npz"
-    n = len(images) if saved else args.num_samples
-    if n < MIN_SAMPLES:
-        raise SystemExit(f"{args.target} holds {n} images, too few to score: pass at least {MIN_SAMPLES} (FID and "
-                         f"friends want thousands)")
-    if saved:  # each rank scores its share of saved samples; a checkpoint's are drawn per rank
-        images, labels = images[args.rank::args.world], None if labels is None else labels[args.rank::args.world]
-    result = evaluate_images(images, labels, args.features, args.out_dir, args.data_dir, args.inception_weights,
-                             args.device, args.ref)
-    if args.save_npz:
-        atomic_write(args.save_npz, lambda tmp: np.savez(tmp, images, labels))
-    if args.rank == 0:
-        result["n"], result["seconds"] = n, time.time() - t0
-        key = fingerprint(args.features, result["n"], args.cfg_scale, args.seed, args.ref)
-        save_metrics(beside(args.target, args.out_dir), key, result)
-        width = max(map(len, result))
-        for k, v in result.items():
-            print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    if args.save_npz and len(args.cfg_scale) > 1:
+        p.error("--save-npz writes the samples of one scale: pass one --cfg-scale with it")
+    if saved and len(args.cfg_scale) > 1:
+        p.error(f"--cfg-scale {','.join(f'{s:g}' for s in args.cfg_scale)}: saved samples have the scale they were "
+                f"drawn with; pass one scale (it is recorded), or a checkpoint to draw at several")
+    t0 = time.time()
+    drawn = load_target(args.target, args)
+    results = {}
+    for scale, (images, labels) in zip(args.cfg_scale, drawn):
+        n = len(images) if saved else args.num_samples
+        if n < MIN_SAMPLES:
+            raise SystemExit(f"{args.target} holds {n} images, too few to score: pass at least {MIN_SAMPLES} (FID and "
+                             f"friends want thousands)")
+        if saved:  # each rank scores its share of saved samples; a checkpoint's are drawn per rank
+            images, labels = images[args.rank::args.world], None if labels is None else labels[args.rank::args.world]
+        result = evaluate_images(images, labels, args.features, args.out_dir, args.data_dir, args.inception_weights,
+                                 args.device, args.ref)
+        if args.save_npz:
+            atomic_write(args.save_npz, lambda tmp: np.savez(tmp, images, labels))
+        if args.rank == 0:
+            result["n"], result["cfg_scale"], result["seconds"] = n, scale, time.time() - t0
+            key = fingerprint(args.features, result["n"], scale, args.seed, args.ref)
+            name = beside(args.target, args.out_dir)
+            save_metrics(name if len(args.cfg_scale) == 1 else name.with_name(f"{name.name}@cfg{scale:g}"), key, result)
+            width = max(map(len, result))
+            if len(args.cfg_scale) > 1:
+                print(f"\n{args.target} at CFG {scale:g}:")
+            for k, v in result.items():
+                print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+        results[scale], t0 = result, time.time()
     if dist.is_initialized():
         dist.destroy_process_group()
-    return result
+    return results[args.cfg_scale[0]] if len(args.cfg_scale) == 1 else results
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 import tokenizer as tok
 from checks import (check_output, count, existing_device, fraction, fraction_range, non_negative, positive,
-                    positive_int, read_checkpoint, weights_fingerprint as state_fingerprint)
+                    positive_int, read_checkpoint, scale_list, weights_fingerprint as state_fingerprint)
 from data import WEIGHTS, atomic_write, prepare_tokens
 from model import GPT, PRESETS, GPTConfig, add_decode_flag, load_checkpoint
 
@@ -136,8 +136,9 @@ def parser(description=None):
                    "(default: 250)")
     p.add_argument("--eval-samples", type=count, default=5000, help="samples per model for the final table's "
                    "FID-cls and friends, >= 0, 0 = none (default: 5000)")
-    p.add_argument("--eval-cfg", type=non_negative, default=2.0, help="their classifier-free guidance, >= 0 "
-                   "(default: 2.0)")
+    p.add_argument("--eval-cfg", type=scale_list, default="1,2", help="their classifier-free guidance scales, "
+                   "comma-separated, each >= 0: every model is scored at each (default: 1,2: without guidance, and "
+                   "at twice the conditional logits' lead)")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run at --out (with "
                    "the flags it was started with); the parents the pipeline builds are always continued")
     p.add_argument("--seed", type=count, default=0, help="seed of init, data order and dropout, >= 0 (default: 0)")

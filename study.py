@@ -1,20 +1,26 @@
-"""The reproduction study: every method, the paper's VarKD ablation and two controls, over seeds.
+"""The reproduction study: every method, the paper's VarKD ablation and two controls, over seeds,
+each method tuned the same way first, every model judged across a guidance grid.
 
     python study.py --seeds 0,1,2              # the README's study, on the shipped parents
-    python study.py --seeds 0 --study-iters 200
+    python study.py --seeds 0 --study-iters 200 --no-tune
     python study.py --grid 14 --seeds 0 --rows kd_cont,varkd   # the long horizon: a few rows, one seed
 
 The shipped tokenizer, teacher and no-KD student (weights/) serve every seed (with --tokenizer of
-your own, they are built once under the out-dir). Per seed, under out/study/seed<s>/: stage-1 KD
-from the no-KD student (--kd-iters steps), then from the KD checkpoint --study-iters more steps of
-each row below (the paper's setting: stage 2 starts from stage-1 KD). A killed study is run again
-with the same command: finished runs are reused, the unfinished one continues from its last
-checkpoint, measured models are not measured again.
+your own, they are built once under the out-dir). First the tuning, on a validation seed that is
+never reported (--tune-seed, training and sampling): each tuned method (kd continued, ce continued,
+seqkd, onpolicy, varkd) tries the same grid, TUNE_LRS, and for the two with rollouts also the two
+readings of their real prefix (READINGS); the rule, fixed before the runs: the lowest FID-cls at the
+best scale of the guidance grid. Then per seed, under out/study/seed<s>/: stage-1 KD from the no-KD
+student (--kd-iters steps), then from the KD checkpoint --study-iters more steps of each row below
+(the paper's setting: stage 2 starts from stage-1 KD), each with its method's winning setting. A
+killed study is run again with the same command: finished runs are reused, the unfinished one
+continues from its last checkpoint, measured models are not measured again.
 
-Writes out/study/results.md and results.json (mean +- std over seeds of every figure, gap closure,
-whether a row beats kd continued by more than the spread, and each student as the draft of
-speculative sampling for the teacher: acceptance, codes per teacher call, speed-up) and
-out/study/compare.png (one row per model, one column per class, the same sampling seed for every row).
+Writes out/study/tuning.md/.json, results.md and results.json (mean +- std over seeds of every figure
+at each model's best scale, FID-cls at every scale, gap closure, whether a row beats kd continued by
+more than the spread, the drift from its starting point per grid row, and each student as the draft of
+speculative sampling for the teacher), out/study/fid_vs_cfg.png and out/study/compare.png (one row
+per model, one column per class, the same sampling seed for every row).
 """
 import argparse
 import json
@@ -27,35 +33,50 @@ import torch
 from PIL import Image, ImageDraw
 
 import runs
-from checks import int_list, positive_int
+from checks import count, int_list, positive_int, scale_list
 from data import CLASSES, atomic_write
 from distill import train
-from evaluate import draw, table
+from evaluate import cfg_plot, draw, table
 from model import compile_decode, load_checkpoint
 from sample import speculative_speed
 
-# name, method, flags, what it is, the paper's ImageNet FID (LlamaGen-L -> B; Table 1 and Table 2)
+# name, method, flags (after its method's tuned setting), what it is, the paper's ImageNet FID (LlamaGen-L -> B; Table 1 and Table 2)
 ROWS = [
     ("kd_cont", "kd", [], "kd continued (control)", None),
-    ("ce_cont", "ce", ["--lr", "1e-3"], "ce continued, no teacher (control)", None),
+    ("ce_cont", "ce", [], "ce continued, no teacher (control)", None),
     ("seqkd", "seqkd", [], "SeqKD: teacher samples", 5.08),
     ("onpolicy", "onpolicy", [], "GKD: mixed prefixes, lambda 0.1, JSD 0.5", 4.94),
+    ("onpolicy_all", "onpolicy", ["--supervise", "all", "--prefix-frac", "0.25,0.75"],
+     "GKD with JSD on the real prefix too", None),
     ("varkd_rkl", "varkd", ["--no-entropy-weights", "--no-truncation", "--no-groups", "--no-parallel"],
      "mixed rollouts, reverse KL only", None),
     ("varkd_rkl_all", "varkd", ["--no-entropy-weights", "--no-truncation", "--no-groups", "--no-parallel",
-                                "--supervise", "all"], "the same on the real prefix too", None),
+                                "--supervise", "all", "--prefix-frac", "0.25,0.75"], "the same, reverse KL on the prefix too", None),
     ("varkd_entropy", "varkd", ["--no-groups", "--no-parallel"], "+ entropy weights, truncation", 4.66),
     ("varkd_groups", "varkd", ["--no-parallel"], "+ codebook relaxation", 4.60),
     ("varkd", "varkd", [], "+ parallel rollouts = VarKD", 4.58),
-    ("varkd_all", "varkd", ["--supervise", "all"], "VarKD on the real prefix too", None),
+    ("varkd_sampled", "varkd", ["--supervise", "sampled", "--prefix-frac", "0.25,0.75"],
+     "VarKD, the sampled codes only", None),
+    ("varkd_all", "varkd", ["--supervise", "all", "--prefix-frac", "0.25,0.75"], "VarKD, reverse KL on the prefix too", None),
     ("varkd_lam0.5", "varkd", ["--lam", "0.5"], "VarKD, rollouts on half the steps", None),
     ("varkd_lam0.1", "varkd", ["--lam", "0.1"], "VarKD, rollouts on a tenth of the steps (GKD's)", None),
 ]
 STAGE1 = [("ce", "no-KD student", 6.51), ("kd", "stage-1 KD", 4.92)]
+# the tuning, the same for every method: its row of ROWS is tried with each learning rate, and the
+# methods with rollouts with each reading of a rollout's real prefix: teacher-forced KD on it, or
+# nothing on it but rollouts that sometimes start from the class alone (a prefix from 0)
+TUNED = {"kd": "kd_cont", "ce": "ce_cont", "seqkd": "seqkd", "onpolicy": "onpolicy", "varkd": "varkd"}
+TUNE_LRS = ("3e-4", "1e-3")
+UNTUNED = {"ce": ["--lr", "1e-3"]}  # --no-tune: ce's own default learning rate is for training from scratch
+READINGS = {"prefix-kd": ["--supervise", "prefix-kd", "--prefix-frac", "0.25,0.75"],
+            "prefix0": ["--supervise", "sampled", "--prefix-frac", "0,0.75"]}
 FIGURES = [("FID-cls", "FID-cls", 2), ("KID-cls", "KID-cls", 2), ("precision-cls", "prec", 3),
            ("recall-cls", "recall", 3), ("IS-cls", "IS-cls", 2), ("class_acc-cls", "acc", 3),
            ("test_nll", "NLL", 3), ("test_kl", "KL to teacher", 3), ("wall_time", "train min", 1),
            ("teacher_seqs", "teacher seqs (k)", 1)]
+HELD_OUT = ("test_nll", "test_kl", "wall_time", "teacher_seqs")  # the others: at a guidance scale
+PLOTTED = ("teacher", "ce", "kd", "kd_cont", "ce_cont", "seqkd", "onpolicy", "varkd", "varkd_sampled", "varkd_all")
+SPEC_CFG = 2.0  # the drafts and the comparison image: the scale the teacher is best at
 # the students that draft for the teacher (sample.speculative_speed): one image per call, gamma 4
 DRAFTS = ("ce", "kd", "kd_cont", "seqkd", "onpolicy", "varkd")
 SPECULATIVE = [("spec_acceptance", "drafts accepted", 3), ("spec_codes_per_call", "codes per teacher call", 2),
@@ -71,28 +92,94 @@ def row_list(text):
     return [n for n in known if n in names]
 
 
-def study_runs(args, seed):
-    """The runs of one seed, parents first: [(name, run args)]. Stage-1 KD starts from the one no-KD
-    student (the shipped one, or <out-dir>/ce/ckpt.pt with another tokenizer) with the seed's data
-    order; every row starts from that seed's stage-1 KD."""
-    base = f"{args.out_dir}/study/seed{seed}"
+def stage1(args, seed, base):
+    """Stage-1 KD of a seed: from the one no-KD student, with the seed's data order."""
     shared = {**args.shared, "seed": seed, "resume": True}
-    kd = runs.get_args([], **{**shared, "max_iters": args.kd_iters}, method="kd", out=f"{base}/kd/ckpt.pt")
-    stage2 = {**shared, "max_iters": args.study_iters, "init": kd.out}
-    return [("kd", kd)] + [(name, runs.get_args(["--method", method, *flags], **stage2, out=f"{base}/{name}/ckpt.pt"))
+    return runs.get_args([], **{**shared, "max_iters": args.kd_iters}, method="kd", out=f"{base}/kd/ckpt.pt")
+
+
+def stage2(args, seed, kd, method, flags, out):
+    shared = {**args.shared, "seed": seed, "resume": True, "max_iters": args.study_iters, "init": kd.out}
+    return runs.get_args(["--method", method, *flags], **shared, out=out)
+
+
+def study_runs(args, seed, winners):
+    """The runs of one seed, parents first: [(name, run args)]. Every row starts from that seed's
+    stage-1 KD, with its method's tuned flags (winners: method -> flags), then its own."""
+    base = f"{args.out_dir}/study/seed{seed}"
+    kd = stage1(args, seed, base)
+    return [("kd", kd)] + [(name, stage2(args, seed, kd, method, [*winners.get(method, []), *flags],
+                                         f"{base}/{name}/ckpt.pt"))
                            for name, method, flags, _, _ in ROWS if name in args.rows]
 
 
+def candidates(method):
+    """The tuning grid of a method: {candidate name: flags}."""
+    readings = READINGS if method in ("onpolicy", "varkd") else {"": []}
+    return {f"lr{lr}" + (f"_{r}" if r else ""): ["--lr", lr, *flags] for lr in TUNE_LRS for r, flags in readings.items()}
+
+
+def tune(args, tokenizer, splits):
+    """Every tuned method's grid on the validation seed, measured at every guidance scale; returns
+    {method: the winner's flags} and writes out/study/tuning.md/.json. Resumable as the study is."""
+    seed, base = args.tune_seed, f"{args.out_dir}/study/tune{args.tune_seed}"
+    kd = stage1(args, seed, base)
+    print(f"\n== tuning, validation seed {seed}: stage-1 KD ==")
+    train(kd, tokenizer, splits)
+    rows = {name: (method, flags) for name, method, flags, _, _ in ROWS}
+    methods = {rows[name][0] for name in args.rows}  # the methods of the rows asked for are tuned
+    tuned = {method: row for method, row in TUNED.items() if method in methods}
+    tried = {}  # (method, candidate) -> run
+    for method, row in tuned.items():
+        for cand, flags in candidates(method).items():
+            print(f"\n== tuning, validation seed {seed}: {row} {cand} ==")
+            run = stage2(args, seed, kd, method, [*flags, *rows[row][1]], f"{base}/{row}_{cand}/ckpt.pt")
+            train(run, tokenizer, splits)
+            tried[method, cand] = run
+    if runs.rank_world()[0] > 0:
+        return None
+    lines = table([r.out for r in tried.values()], tokenizer, *splits["test"][:2],
+                  argparse.Namespace(**{**vars(args), "seed": seed}))
+    result, md = {"seed": seed, "rule": "lowest FID-cls at the best scale of the guidance grid", "methods": {}}, []
+    for method, row in tuned.items():
+        scores = {cand: lines[tried[method, cand].out] for cand in candidates(method)}
+        winner = min(scores, key=lambda c: scores[c]["FID-cls"])
+        result["methods"][method] = {"row": row, "winner": winner, "flags": candidates(method)[winner],
+                                     "candidates": {c: {"best_cfg": m["best_cfg"], "FID-cls": m["FID-cls"],
+                                                        "by_cfg": {str(s): f["FID-cls"] for s, f in m["cfg"].items()}}
+                                                    for c, m in scores.items()}}
+        for cand, m in scores.items():
+            by = " | ".join(f"{m['cfg'][s]['FID-cls']:.2f}" for s in args.eval_cfg)
+            md.append(f"| {row} | {cand} | {by} | {m['FID-cls']:.2f} at {m['best_cfg']:g} | {'**winner**' if cand == winner else ''} |")
+    head = ("| row | setting | " + " | ".join(f"FID-cls at CFG {s:g}" for s in args.eval_cfg) +
+            " | best | |\n|---|---|" + "---:|" * len(args.eval_cfg) + "---|---|")
+    text = (f"# Tuning on the validation seed {seed} (never reported)\n\n{head}\n" + "\n".join(md) +
+            f"\n\nEach row's method from the same stage-1 KD (seed {seed}), {args.study_iters} steps; the rule, fixed "
+            f"before the runs: {result['rule']} ({args.eval_samples} samples per scale, sampling seed {seed}). "
+            f"Readings: prefix-kd = teacher-forced KD on a rollout's real prefix U[0.25, 0.75]; prefix0 = nothing on "
+            f"the prefix, which is U[0, 0.75].\n")
+    out = Path(args.out_dir) / "study"
+    atomic_write(out / "tuning.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
+    atomic_write(out / "tuning.md", lambda tmp: Path(tmp).write_text(text))
+    print("\n" + text)
+    return {m: r["flags"] for m, r in result["methods"].items()}
+
+
 def run(args, tokenizer, splits, seeds):
-    """Train what is missing, measure what is unmeasured, then write the results."""
-    t0, (rank, _) = time.time(), runs.rank_world()
+    """Tune, train what is missing, measure what is unmeasured, then write the results."""
+    t0, (rank, world) = time.time(), runs.rank_world()
     # the parents: the shipped ones, or built once under the out-dir (another tokenizer)
-    student = study_runs(args, seeds[0])[0][1].init
+    student = stage1(args, seeds[0], "").init
     for parent in runs.pipeline(runs.get_args([], **args.shared, method="kd", init=student))[:-1]:
         train(parent, tokenizer, splits, role=runs.ROLES["teacher" if parent.out == args.teacher else parent.method])
+    winners = dict(UNTUNED) if args.no_tune else tune(args, tokenizer, splits)
+    if world > 1:  # rank 0 measured the tuning: every rank trains the winners
+        shared = [winners]
+        torch.distributed.broadcast_object_list(shared, 0)
+        winners = shared[0]
     lines = {}  # (name, seed) -> the table line of that model
     for seed in seeds:
-        seed_runs = study_runs(args, seed)
+        seed_runs = study_runs(args, seed, winners)
         for name, r in seed_runs:
             print(f"\n== study, seed {seed}: {name} ==")
             train(r, tokenizer, splits)
@@ -108,16 +195,20 @@ def run(args, tokenizer, splits, seeds):
         lines.update({(name, seed): {**measured[r.out], **spec.get(name, {})} for name, r in seed_runs})
     if rank > 0:
         return None
-    results = summarise(lines, seeds, args)
+    results = summarise(lines, seeds, args, winners)
     results["wall_time_this_call"] = time.time() - t0
     out = Path(args.out_dir) / "study"
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
     markdown = results_markdown(results)
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(markdown))
-    first = study_runs(args, seeds[0])  # the comparison image: the first seed's models
+    rows = {r["name"]: r for r in results["rows"] if r["name"] in PLOTTED}
+    cfg_plot({n: {float(s): m["mean"] for s, m in r["fid_by_cfg"].items()} for n, r in rows.items()},
+             out / "fid_vs_cfg.png", {n: {float(s): m["std"] for s, m in r["fid_by_cfg"].items()} for n, r in rows.items()},
+             title=f"FID-cls against CFG, mean and std over seeds {','.join(map(str, seeds))}")
+    first = study_runs(args, seeds[0], winners)  # the comparison image: the first seed's models
     compare_image([args.teacher, student] + [r.out for _, r in first], ["teacher", "ce"] + [n for n, _ in first], tokenizer,
-                  out / "compare.png", args.eval_cfg, args.device)
-    print("\n" + markdown + f"\nwrote {out}/results.md, results.json, compare.png")
+                  out / "compare.png", SPEC_CFG, args.device)
+    print("\n" + markdown + f"\nwrote {out}/results.md, results.json, fid_vs_cfg.png, compare.png")
     return results
 
 
@@ -136,7 +227,7 @@ def speculative(args, tokenizer, seed_runs, seed, gamma=4):
         labels = torch.arange(max(args.eval_samples // 100, classes), device=args.device) % classes
         print(f"speculative sampling, {len(labels)} images one at a time: {', '.join(todo)} drafting for the teacher")
         figures = speculative_speed(teacher, {n: load_checkpoint(p, tokenizer=tokenizer.fingerprint).to(args.device) for n, p in todo.items()},
-                                    labels, gamma, seed=seed, cfg_scale=args.eval_cfg)
+                                    labels, gamma, seed=seed, cfg_scale=SPEC_CFG)
         saved |= {n: {"stamp": stamp[n], **{f"spec_{k}": v for k, v in figures[n].items() if k != "seconds"}}
                   for n in todo}
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(saved, indent=2)))
@@ -149,27 +240,40 @@ def mean_std(values):
             "values": values.tolist()}
 
 
-def summarise(lines, seeds, args):
-    """Per row: mean +- std over seeds of every figure; gap closure per seed against that seed's
-    no-KD student and the teacher sampled with the same seed; whether the row's FID-cls beats kd
-    continued (same number of steps) by more than the larger of the two spreads."""
+def summarise(lines, seeds, args, winners):
+    """Per row: FID-cls at every scale of the grid (mean +- std over seeds), its best scale (lowest
+    mean), every figure at that scale; gap closure per seed against that seed's no-KD student and
+    teacher, each at its own best scale; whether the row's FID-cls beats kd continued (same number
+    of steps) by more than the larger of the two spreads; the KL to the teacher and the NLL per grid
+    row beside its starting point's (stage 2 from kd, kd from ce)."""
     info = {"teacher": ("teacher", None, "ce", [])} | {n: (what, fid, "ce" if n == "ce" else "kd", [])
                                                        for n, what, fid in STAGE1}
-    info |= {n: (what, fid, method, flags) for n, method, flags, what, fid in ROWS if n in args.rows}
-    fid = {key: line.get("FID-cls") for key, line in lines.items()}
+    info |= {n: (what, fid, method, [*winners.get(method, []), *flags]) for n, method, flags, what, fid in ROWS
+             if n in args.rows}
     rows = []
     for name, (what, paper, method, flags) in info.items():
+        at = lambda s: [lines[(name, seed)]["cfg"][s] for seed in seeds]
         row = {"name": name, "what": what, "method": method, "flags": flags, "paper_fid": paper, "seeds": seeds,
-               "steps": lines[(name, seeds[0])]["steps"]}
+               "steps": lines[(name, seeds[0])]["steps"], "fid_by_cfg": {}}
+        if args.eval_samples > 0:
+            row["fid_by_cfg"] = {str(s): mean_std([f["FID-cls"] for f in at(s)]) for s in args.eval_cfg}
+            row["best_cfg"] = min(args.eval_cfg, key=lambda s: row["fid_by_cfg"][str(s)]["mean"])
         for key, _, _ in FIGURES + SPECULATIVE:
-            values = [lines[(name, s)].get(key, 0.0 if key == "teacher_seqs" else None) for s in seeds]
+            source = ([lines[(name, s)] for s in seeds] if key in HELD_OUT or key.startswith("spec_") or "best_cfg" not in row
+                      else at(row["best_cfg"]))
+            values = [line.get(key, 0.0 if key == "teacher_seqs" else None) for line in source]
             if None not in values:
                 row[key] = mean_std(values)
-        if None not in fid.values() and name not in ("teacher", "ce"):
-            row["gap_closure"] = mean_std([(fid[("ce", s)] - fid[(name, s)]) / (fid[("ce", s)] - fid[("teacher", s)])
-                                           for s in seeds])
+        for key in ("test_kl_rows", "test_nll_rows"):
+            if all(key in lines[(name, s)] for s in seeds):
+                row[key] = np.mean([lines[(name, s)][key] for s in seeds], 0).tolist()
         rows.append(row)
     by_name = {r["name"]: r for r in rows}
+    if "best_cfg" in by_name["ce"]:
+        best = lambda n, s: lines[(n, s)]["cfg"][by_name[n]["best_cfg"]]["FID-cls"]
+        for r in rows[2:]:
+            r["gap_closure"] = mean_std([(best("ce", s) - best(r["name"], s)) / (best("ce", s) - best("teacher", s))
+                                         for s in seeds])
     if "FID-cls" in by_name.get("kd_cont", {}):
         base = by_name["kd_cont"]["FID-cls"]
         for r in rows[3:]:
@@ -179,45 +283,66 @@ def summarise(lines, seeds, args):
     rows_flag = "" if len(args.rows) == len(ROWS) else f" --rows {','.join(args.rows)}"
     grid_flag = "" if args.grid == 7 else f" --grid {args.grid}"
     return {"command": f"python study.py{grid_flag} --seeds {','.join(map(str, args.seeds))} --kd-iters {args.kd_iters} "
-                       f"--study-iters {args.study_iters}{rows_flag}",
+                       f"--study-iters {args.study_iters}{' --no-tune' if args.no_tune else ''}{rows_flag}",
             "ce_iters": lines[("ce", seeds[0])]["steps"], "kd_iters": args.kd_iters, "study_iters": args.study_iters,
-            "eval_samples": args.eval_samples, "eval_cfg": args.eval_cfg, "rows": rows,
+            "eval_samples": args.eval_samples, "eval_cfg": args.eval_cfg, "winners": winners, "rows": rows,
             "wall_time_training": sum(line.get("wall_time", 0.0) for line in lines.values()),
-            "wall_time_evaluation": sum(line.get("eval_time", 0.0) for line in lines.values())}
+            "wall_time_evaluation": sum(f.get("eval_time", 0.0) for line in lines.values()
+                                        for f in line.get("cfg", {}).values())}
 
 
 def results_markdown(results):
-    def cell(row, key, digits):
-        if key not in row:
-            return "-"
-        m, scale = row[key], {"wall_time": 1 / 60, "teacher_seqs": 1e-3}.get(key, 1)
+    def cell(m, digits, scale=1):
         text = f"{m['mean'] * scale:.{digits}f}"
         return text + (f" ± {m['std'] * scale:.{digits}f}" if len(m["values"]) > 1 else "")
-    head = ["model", "steps", "paper FID"] + [label for _, label, _ in FIGURES] + ["gap closed", "beats kd_cont"]
+    rows, scales = results["rows"], results["eval_cfg"]
+    label = lambda r: r["name"] if r["what"] == r["name"] else f"{r['name']} ({r['what']})"
+    head = ["model", "steps", "paper FID", "best CFG"] + [label for _, label, _ in FIGURES] + ["gap closed", "beats kd_cont"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results["rows"]:
+    for r in rows:
         beats = {True: "yes", False: "no"}.get(r.get("beats_kd_cont"), "")
         paper = "" if r["paper_fid"] is None else f"{r['paper_fid']:.2f}"
-        cells = [r["name"] if r["what"] == r["name"] else f"{r['name']} ({r['what']})", str(r["steps"]), paper]
-        cells += [cell(r, key, digits) for key, _, digits in FIGURES] + [cell(r, "gap_closure", 2), beats]
-        out.append("| " + " | ".join(cells) + " |")
-    n = len(results["rows"][0]["seeds"])
-    out.append(f"\nMean ± std over {n} seed{'s' * (n > 1)} ({', '.join(map(str, results['rows'][0]['seeds']))}). "
-               f"The no-KD student (ce, one for every seed): {results['ce_iters']} steps; stage 1: {results['kd_iters']} "
-               f"steps of kd from it; every other student starts from kd and trains {results['study_iters']} more "
-               f"steps. The -cls figures: "
-               f"{results['eval_samples']} samples at CFG {results['eval_cfg']} against the test split (the teacher "
-               f"is sampled once per seed); NLL and KL(teacher || model) in nats per code on the test split; teacher "
-               f"seqs: sequences the teacher scored or sampled, in thousands (a CFG sample counts twice); gap closed "
-               f"= (FID_ce - FID_m) / (FID_ce - FID_teacher) per seed; beats kd_cont: mean FID-cls lower than kd "
-               f"continued by more than the larger std. Paper FID: ImageNet 256, LlamaGen-L -> B, Inception features.")
+        cells = [label(r), str(r["steps"]), paper, f"{r['best_cfg']:g}" if "best_cfg" in r else "-"]
+        cells += [cell(r[key], d, {"wall_time": 1 / 60, "teacher_seqs": 1e-3}.get(key, 1)) if key in r else "-"
+                  for key, _, d in FIGURES]
+        out.append("| " + " | ".join(cells + [cell(r["gap_closure"], 2) if "gap_closure" in r else "-", beats]) + " |")
+    n = len(rows[0]["seeds"])
+    tuned = "; ".join(f"{m}: {' '.join(f)}" for m, f in results["winners"].items()) or "none (--no-tune: the defaults)"
+    out.append(f"\nMean ± std over {n} seed{'s' * (n > 1)} ({', '.join(map(str, rows[0]['seeds']))}), each model at its "
+               f"best guidance scale of {', '.join(f'{s:g}' for s in scales)} (the lowest mean FID-cls). The no-KD student "
+               f"(ce, one for every seed): {results['ce_iters']} steps; stage 1: {results['kd_iters']} steps of kd from "
+               f"it; every other student starts from kd and trains {results['study_iters']} more steps, with its "
+               f"method's tuned setting ({tuned}). The -cls figures: {results['eval_samples']} samples per scale "
+               f"against the test split (the teacher is sampled once per seed); NLL and KL(teacher || model) in nats "
+               f"per code on the test split; teacher seqs: sequences the teacher scored or sampled, in thousands (a "
+               f"CFG sample counts twice); gap closed = (FID_ce - FID_m) / (FID_ce - FID_teacher) per seed, each at its "
+               f"best scale; beats kd_cont: mean FID-cls lower than kd continued by more than the larger std. Paper "
+               f"FID: ImageNet 256, LlamaGen-L -> B, Inception features.")
+    if scales and "fid_by_cfg" in rows[0] and rows[0]["fid_by_cfg"]:
+        out += ["", "| model | " + " | ".join(f"FID-cls at CFG {s:g}" for s in scales) + " |", "|---|" + "---:|" * len(scales)]
+        for r in rows:
+            out.append(f"| {r['name']} | " + " | ".join(cell(r["fid_by_cfg"][str(s)], 2) for s in scales) + " |")
+    start = {"kd": "ce", "ce": None, "teacher": None}
+    by_name = {r["name"]: r for r in rows}
+    if "test_kl_rows" in rows[0]:
+        grid = len(rows[0]["test_kl_rows"])
+        out += ["", "| model (from) | " + " | ".join(f"row {i}" for i in range(grid)) + " |", "|---|" + "---:|" * grid]
+        for r in rows:
+            origin = by_name.get(start.get(r["name"], "kd"))
+            if origin is None or "test_kl_rows" not in r:
+                out.append(f"| {r['name']} | " + " | ".join(f"{v:.3f}" for v in r.get("test_kl_rows", [])) + " |")
+                continue
+            out.append(f"| {r['name']} ({origin['name']}) | " + " | ".join(
+                f"{v:.3f} ({v - o:+.3f})" for v, o in zip(r["test_kl_rows"], origin["test_kl_rows"])) + " |")
+        out.append("\nThe drift: KL(teacher || model) on the test split's data contexts per row of the code grid, top to "
+                   "bottom, nats per code (mean over seeds), and in brackets its change from the model it started from.")
     head = ["draft for the teacher"] + [label for _, label, _ in SPECULATIVE]
     out += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results["rows"]:
+    for r in rows:
         if "spec_acceptance" in r:
-            out.append("| " + " | ".join([r["name"]] + [cell(r, key, digits) for key, _, digits in SPECULATIVE]) + " |")
+            out.append("| " + " | ".join([r["name"]] + [cell(r[key], d) for key, _, d in SPECULATIVE]) + " |")
     out.append(f"\nSpeculative sampling (sample.py), the teacher as target, each model as its draft, gamma 4, CFG "
-               f"{results['eval_cfg']}, one image per call: drafts accepted / drafts tested; codes per teacher call "
+               f"{SPEC_CFG:g}, one image per call: drafts accepted / drafts tested; codes per teacher call "
                f"(1.00 without a draft); speed-up: teacher alone / speculative, wall clock, same images and seeds; "
                f"draft cost per call: the draft's sampling time over the teacher's.")
     return "\n".join(out) + "\n"
@@ -259,7 +384,14 @@ def main(argv=None):
     p.add_argument("--rows", type=row_list, default=[name for name, *_ in ROWS], help="comma-separated rows to run "
                    "after stage 1, e.g. kd_cont,varkd for a quick look at a long horizon (default: all: "
                    f"{','.join(name for name, *_ in ROWS)})")
+    p.add_argument("--tune-seed", type=count, default=100, help="the validation seed of the tuning, training and "
+                   "sampling, never reported, >= 0 (default: 100)")
+    p.add_argument("--no-tune", action="store_true", help="no tuning: every method with its defaults (a quick look)")
+    p.set_defaults(eval_cfg=[1.0, 1.5, 2.0, 3.0])  # the study's guidance grid, fixed before its runs
     args = runs.get_args(argv, p)
+    if args.tune_seed in args.seeds and not args.no_tune:
+        p.error(f"--seeds {','.join(map(str, args.seeds))} holds the validation seed {args.tune_seed}, which is never "
+                f"reported: pass other seeds, or another --tune-seed")
     compile_decode(args.decode, torch.device(args.device).type)
     seeds = args.seeds
     rank, _ = runs.setup_ddp(args)

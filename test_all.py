@@ -28,8 +28,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+import checks
 import classifier
 import data
 import diagnose
@@ -1299,6 +1301,19 @@ def test_a_missing_parent_you_pass_is_named(trained_setup, tiny_teacher):
 
 
 @pytest.mark.slow
+def test_a_teacher_of_other_classes_is_refused(trained_setup, tiny_teacher, tmp_path):
+    ckpt = torch.load(tiny_teacher, weights_only=True)
+    table = "cls_embedding.embedding_table.weight"
+    ckpt["model"][table] = ckpt["model"][table][:6]  # 5 classes and the null class: class 5 of the data is its null
+    ckpt["config"]["num_classes"] = 5
+    ckpt["fingerprint"] = checks.weights_fingerprint(ckpt["model"])
+    torch.save(ckpt, tmp_path / "five.pt")
+    with pytest.raises(SystemExit, match="five.pt has 5 classes, the data 10: pass a teacher trained on these classes"):
+        run_distill(trained_setup, "--method", "kd", "--teacher", str(tmp_path / "five.pt"), "--init", "none",
+                    "--max-iters", "2", "--out", str(tmp_path / "kd.pt"))
+
+
+@pytest.mark.slow
 def test_parents_from_another_tokenizer_or_size_are_refused(trained_setup, tiny_teacher, tmp_path):
     ckpt = torch.load(tiny_teacher, weights_only=True)
     ckpt["fingerprints"]["tokenizer"] = "0123456789abcdef"
@@ -1322,7 +1337,8 @@ def test_with_its_own_tokenizer_the_pipeline_builds_every_parent_once_then_reuse
     distill.main(argv)
     first = capsys.readouterr().out
     ckpts = [tmp_path / p for p in ("teacher.pt", "ce/ckpt.pt", "kd/ckpt.pt", "varkd/ckpt.pt")]
-    artifacts = ckpts + [p.with_suffix(".png") for p in ckpts] + [p.parent / "metrics.json" for p in ckpts] + \
+    artifacts = ckpts + [p.with_suffix(f".cfg{s}.png") for p in ckpts for s in (1, 2)] + \
+        [p.parent / "metrics.json" for p in ckpts] + [tmp_path / "fid_vs_cfg.png"] + \
         [tmp_path / "tokens" / f"{split}.{s}" for split in ("train", "test") for s in ("codes.npy", "json")]
     assert all(p.exists() for p in artifacts), [p for p in artifacts if not p.exists()]
     for role in ("teacher", "no-KD student", "stage-1 KD student"):
@@ -1331,8 +1347,11 @@ def test_with_its_own_tokenizer_the_pipeline_builds_every_parent_once_then_reuse
     assert kd["fingerprints"]["init"] == ce["fingerprint"] and varkd["fingerprints"]["init"] == kd["fingerprint"]
     assert kd["fingerprints"]["teacher"] == varkd["fingerprints"]["teacher"] == teacher["fingerprint"]
     assert teacher["step"] == 20 and ce["step"] == kd["step"] == varkd["step"] == 4
-    line = json.loads((tmp_path / "varkd" / "metrics.json").read_text())["ckpt.pt"]
-    assert line["steps"] == 4 and 0 <= line["precision-cls"] <= 1 and line["FID-cls"] > 0 and line["test_kl"] > 0
+    entries = json.loads((tmp_path / "varkd" / "metrics.json").read_text())  # held-out figures, then one per scale
+    line, scored = entries["ckpt.pt"], entries["ckpt.pt@cfg2"]
+    assert line["steps"] == 4 and line["test_kl"] > 0 and len(line["test_kl_rows"]) == len(line["test_nll_rows"]) == 7
+    assert np.isclose(np.mean(line["test_kl_rows"]), line["test_kl"]) and 0 <= scored["precision-cls"] <= 1
+    assert scored["FID-cls"] > 0 and entries["ckpt.pt@cfg1"]["FID-cls"] != scored["FID-cls"]
     stamps = {p: p.stat().st_mtime_ns for p in artifacts}
     distill.main(argv)
     second = capsys.readouterr().out
@@ -1349,7 +1368,7 @@ def test_the_study_writes_its_results_and_resumes_without_redoing_finished_runs(
     argv = ["--seeds", "0,1", "--out-dir", str(tmp_path), "--tokenizer", str(tmp_path / "tokenizer.pt"),
             "--size", "tiny", "--teacher-size", "tiny", "--teacher-iters", "10", "--max-iters", "3",
             "--kd-iters", "3", "--study-iters", "2", "--batch-size", "16",
-            "--eval-seqs", "50", "--eval-samples", "100"]
+            "--eval-seqs", "50", "--eval-samples", "100", "--eval-cfg", "1,2", "--no-tune"]
     results = study.main(argv)
     runs = ["kd"] + [name for name, *_ in study.ROWS]  # per seed, from the one no-KD student out/ce/
     ckpts = [tmp_path / "study" / f"seed{s}" / name / "ckpt.pt" for s in (0, 1) for name in runs]
@@ -1374,9 +1393,13 @@ def test_the_study_writes_its_results_and_resumes_without_redoing_finished_runs(
     assert rows["seqkd"]["teacher_seqs"]["mean"] == 8192 + 2 * 16  # its pool, then its batches
     assert "beats_kd_cont" in rows["varkd"] and "beats_kd_cont" not in rows["ce"]
     table = (tmp_path / "study" / "results.md").read_text().splitlines()
-    # header, teacher, rows; then the drafts' header and rows
-    assert len([line for line in table if line.startswith("| ")]) == (1 + 2 + len(runs)) + (1 + len(study.DRAFTS))
-    assert "| varkd (+ parallel rollouts = VarKD) | 2 | 4.58 |" in "\n".join(table)
+    # header, teacher, rows: at the best scale, at every scale, the drift by grid row; then the drafts' header and rows
+    assert len([line for line in table if line.startswith("| ")]) == 3 * (1 + 2 + len(runs)) + (1 + len(study.DRAFTS))
+    assert f"| varkd (+ parallel rollouts = VarKD) | 2 | 4.58 | {rows['varkd']['best_cfg']:g} |" in "\n".join(table)
+    for name in ("teacher", "varkd"):
+        by_cfg = {float(s): m["mean"] for s, m in rows[name]["fid_by_cfg"].items()}
+        assert set(by_cfg) == {1.0, 2.0} and rows[name]["FID-cls"]["mean"] == min(by_cfg.values())
+    assert len(rows["varkd"]["test_kl_rows"]) == 7 and (tmp_path / "study" / "fid_vs_cfg.png").exists()
     with Image.open(tmp_path / "study" / "compare.png") as im:
         assert im.height > (2 + len(runs)) * 28 * 2  # a row of samples per model, twice the size
     # a study killed during seed 1's varkd: run again, only that run is trained and measured
@@ -1398,6 +1421,28 @@ def test_the_study_writes_its_results_and_resumes_without_redoing_finished_runs(
     assert [r["name"] for r in few["rows"]] == ["teacher", "ce", "kd", "kd_cont", "varkd"]
     assert few["command"].endswith("--rows kd_cont,varkd") and "beats_kd_cont" in few["rows"][-1]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+@pytest.mark.slow
+def test_the_study_tunes_each_method_on_the_validation_seed_and_trains_the_winner(small_tokenizer, tmp_path):
+    tok.save_tokenizer(small_tokenizer, tmp_path / "tokenizer.pt")
+    argv = ["--seeds", "0", "--rows", "kd_cont,varkd_sampled", "--out-dir", str(tmp_path), "--tokenizer",
+            str(tmp_path / "tokenizer.pt"), "--size", "tiny", "--teacher-size", "tiny", "--teacher-iters", "10",
+            "--max-iters", "3", "--kd-iters", "3", "--study-iters", "2", "--batch-size", "16", "--eval-seqs", "50",
+            "--eval-samples", "40", "--eval-cfg", "1,2"]
+    results = study.main(argv)
+    tuning = json.loads((tmp_path / "study" / "tuning.json").read_text())
+    assert set(tuning["methods"]) == {"kd", "varkd"} and tuning["seed"] == 100  # the methods of the rows asked for
+    for method, size in (("kd", 2), ("varkd", 4)):  # 2 learning rates, x 2 readings of the prefix with rollouts
+        tried = tuning["methods"][method]["candidates"]
+        assert len(tried) == size and tuning["methods"][method]["winner"] == min(tried, key=lambda c: tried[c]["FID-cls"])
+        assert all(t["FID-cls"] == min(t["by_cfg"].values()) for t in tried.values())
+    winner = tuning["methods"]["varkd"]["flags"]
+    trained = torch.load(tmp_path / "study" / "seed0" / "varkd_sampled" / "ckpt.pt", weights_only=True)["args"]
+    assert trained["lr"] == float(winner[1]) and trained["supervise"] == "sampled"  # the winner's rate, the row's reading
+    assert results["winners"]["varkd"] == winner and (tmp_path / "study" / "tune100" / "varkd_lr1e-3_prefix0").is_dir()
+    with pytest.raises(SystemExit):
+        study.main(argv[:1] + ["0,100"] + argv[2:])  # the validation seed is never reported
 
 
 def test_study_rows_must_be_names_of_its_rows(capsys):
@@ -1525,6 +1570,54 @@ def test_bad_evaluation_targets_get_one_sentence(eval_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="holds no .png files"):
         evaluate.main([str(tmp_path / "empty"), "--out-dir", str(out)])
+
+
+def test_a_checkpoint_is_scored_at_every_guidance_scale_in_one_call(eval_dir, tmp_path):
+    out, _ = eval_dir
+    student = tmp_path / "student.pt"
+    shutil.copy(data.WEIGHTS / "student.pt", student)
+    got = evaluate.main([str(student), "--out-dir", str(out), "--num-samples", "200", "--cfg-scale", "1,3"])
+    assert set(got) == {1.0, 3.0} and got[1.0]["FID-cls"] != got[3.0]["FID-cls"]
+    assert got[3.0]["class_acc-cls"] > got[1.0]["class_acc-cls"]  # guidance sharpens the class
+    assert len(list((out / "ref").glob("*.npz"))) == 1  # one reference pass for both scales
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["student.pt@cfg1"]["FID-cls"] == got[1.0]["FID-cls"] and saved["student.pt@cfg3"]["cfg_scale"] == 3.0
+    np.savez(tmp_path / "s.npz", np.zeros((8, 28, 28), np.uint8))
+    for argv, said in (([str(tmp_path / "s.npz"), "--cfg-scale", "1,2"], "saved samples have the scale they were drawn"),
+                       ([str(student), "--cfg-scale", "1,2", "--save-npz", str(tmp_path / "x.npz")], "one --cfg-scale"),
+                       ([str(student), "--cfg-scale", "1,-2"], "pass guidance scales in [0, 100]")):
+        with pytest.raises(SystemExit):
+            evaluate.main(argv + ["--out-dir", str(out)])
+
+
+def test_the_guidance_plot_draws_a_line_per_model(tmp_path):
+    curves = {"teacher": {1.0: 66.8, 2.0: 45.9, 3.0: 51.7}, "student": {1.0: 108.7, 2.0: 57.2, 3.0: 54.0}}
+    evaluate.cfg_plot(curves, tmp_path / "plot.png", {n: {s: 2.0 for s in c} for n, c in curves.items()})
+    with Image.open(tmp_path / "plot.png") as im:
+        pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
+    colours = {tuple(p) for p in pixels}
+    assert (31, 119, 180) in colours and (255, 127, 14) in colours  # the first two lines' colours
+
+
+@torch.no_grad()
+def test_held_out_figures_by_grid_row_see_drift_in_rows_a_model_was_never_trained_on():
+    student, teacher = tiny_model(0, grid_size=4), tiny_model(1, grid_size=4)  # 4 rows of 4 codes
+    codes, labels = random_batch(student, B=64)
+    before = evaluate.held_out(student, codes, labels, teacher, by_row=True)
+    assert np.isclose(np.mean(before["test_nll_rows"]), before["test_nll"])
+    assert np.isclose(np.mean(before["test_kl_rows"]), before["test_kl"])
+    student.train()
+    optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
+    for _ in range(20):  # CE on the last row's codes only
+        with torch.enable_grad():
+            logits = student(codes, labels)[:, 12:]
+            loss = F.cross_entropy(logits.flatten(0, 1), codes[:, 12:].flatten())
+            optimizer.zero_grad()
+            loss.backward()
+        optimizer.step()
+    after = evaluate.held_out(student, codes, labels, teacher, by_row=True)
+    assert after["test_nll_rows"][3] < before["test_nll_rows"][3] - 0.1  # the trained row learned
+    assert abs(after["test_kl_rows"][0] - before["test_kl_rows"][0]) > 0.01  # and the first row moved with it
 
 
 def save_fake_inception(path):
