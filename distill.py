@@ -150,24 +150,35 @@ def zipar_schedule(grid, start, window):
     return tuple(map(tuple, order))
 
 
+@functools.lru_cache(maxsize=None)
+def plan_table(grid, window):
+    """rollout_plan's rows for every prefix length k at once, computed once per (grid, window):
+    codes (T, steps, W) and row starts (T, steps), padded with -1."""
+    T = grid * grid
+    schedules = [zipar_schedule(grid, k, window) if window else tuple((p,) for p in range(k, T)) for k in range(T)]
+    n_steps, width = max(map(len, schedules)), max(len(step) for s in schedules for step in s)
+    codes = torch.full((T, n_steps, width), -1, dtype=torch.long)
+    starts = torch.full((T, n_steps), -1, dtype=torch.long)
+    for k, schedule in enumerate(schedules):
+        when = {p: s for s, step in enumerate(schedule) for p in step}
+        for s, step in enumerate(schedule):
+            codes[k, s, :len(step)] = torch.tensor(step)
+            # a row start whose predecessor in raster order, the end of the row above, comes later
+            starts[k, s] = next((p - 1 for p in step if p % grid == 0 and p > k and when[p - 1] >= s), -1)
+    return codes, starts
+
+
 def rollout_plan(prefix_lens, grid, window):
     """Each sequence decoded from the end of its own prefix: per step, the code indices (steps, B, W)
     of ZipAR's rows (one code at a time with window 0), -1 as padding, and the row starts p that need
     a query of their own, as p - 1, the code index whose position the query takes (steps, B); -1
-    where none."""
-    T = grid * grid
-    schedules = [zipar_schedule(grid, k, window) if window else tuple((p,) for p in range(k, T))
-                 for k in prefix_lens]
-    n_steps, width = max(map(len, schedules)), max(len(step) for s in schedules for step in s)
-    codes = torch.full((n_steps, len(schedules), width), -1, dtype=torch.long)
-    starts = torch.full((n_steps, len(schedules)), -1, dtype=torch.long)
-    for b, (k, schedule) in enumerate(zip(prefix_lens, schedules)):
-        when = {p: s for s, step in enumerate(schedule) for p in step}
-        for s, step in enumerate(schedule):
-            codes[s, b, :len(step)] = torch.tensor(step)
-            # a row start whose predecessor in raster order, the end of the row above, comes later
-            starts[s, b] = next((p - 1 for p in step if p % grid == 0 and p > k and when[p - 1] >= s), -1)
-    return codes, starts
+    where none. prefix_lens: (B,) long."""
+    codes, starts = plan_table(grid, window)
+    codes, starts = codes[prefix_lens], starts[prefix_lens]  # (B, steps, W), (B, steps)
+    used = codes >= 0
+    n_steps = int(used.any(2).sum(1).max())  # the longest schedule of the batch, the widest step
+    width = int(used.sum(2).max())
+    return codes[:, :n_steps, :width].transpose(0, 1), starts[:, :n_steps].T
 
 
 @torch.no_grad()
@@ -187,7 +198,7 @@ def mixed_rollout(student, codes, labels, prefix_frac=(0.25, 0.75), generator=No
     position = torch.arange(T + 1, device=codes.device)
     mask = position[None, :T] >= k[:, None]  # (B, T)
     grid = student.config.grid_size
-    plan, starts = (x.to(codes.device) for x in rollout_plan(k.tolist(), grid, window))
+    plan, starts = (x.to(codes.device) for x in rollout_plan(k.cpu(), grid, window))
     rows = torch.arange(B, device=codes.device)[:, None].expand_as(plan[0])  # (B, W)
     out = codes.clone()
     was_training = student.training
@@ -253,16 +264,15 @@ def method_loss(args, step_fn, model, teacher, codes, labels, groups, g):
         # or nothing (sampled, as TRL leaves out an LLM's prompt, which is given at inference)
         own = sampled if rollout else real
         if args.method == "onpolicy":
-            loss = gkd_loss(logits, t_logits, args.beta, own)
-            on_prefix = gkd_loss(logits, t_logits, args.beta, real)
+            divergence = lambda mask: gkd_loss(logits, t_logits, args.beta, mask)
         else:
             # entropy weights and truncation look at the student's positions only
             alpha = entropy_weights(t_logits, None if args.no_truncation else args.threshold, sampled)
             weights = torch.where(sampled & (not args.no_entropy_weights), alpha, 1.0)
-            loss = varkd_loss(logits, t_logits, weights, own, groups, args.beta)
-            on_prefix = varkd_loss(logits, t_logits, weights, real, groups, args.beta)
+            divergence = lambda mask: varkd_loss(logits, t_logits, weights, mask, groups, args.beta)
+        loss = divergence(own)
         if rollout and args.supervise != "sampled":
-            on_prefix = kd_loss(logits, t_logits, args.tau, real) if args.supervise == "prefix-kd" else on_prefix
+            on_prefix = kd_loss(logits, t_logits, args.tau, real) if args.supervise == "prefix-kd" else divergence(real)
             n_own, n_real = own.sum(), real.sum()  # every supervised position weighs the same
             loss = (loss * n_own + on_prefix * n_real) / (n_own + n_real)
     if args.ce_weight > 0 and args.method != "seqkd":  # CE on real codes only

@@ -351,19 +351,25 @@ def report(path, ckpt, tokenizer, test_codes, test_labels, teacher, teacher_fp, 
     shadow = beside(path, args.out_dir)  # its samples and metrics.json (out/weights/ for a shipped file)
     weights_fp = ckpt.get("fingerprint") or fingerprint(*(v.numpy() for v in ckpt["model"].values()))
     model = None
-    held_key = fingerprint(weights_fp, teacher_fp)
+    by_row = getattr(args, "by_row", False)  # the study's drift table; the main job's table does without
+    held_key = fingerprint(weights_fp, teacher_fp, by_row)
     line = cached_metrics(shadow, held_key)
     if line is None:
         model = load_checkpoint(path, tokenizer=tokenizer.fingerprint).to(test_codes.device).eval()
-        # the end of a training run measured them against its teacher; else (a shipped file) here, once.
-        # The teacher's KL to itself is 0
-        recorded = ckpt["metrics"]
-        if "test_kl_rows" in recorded and ckpt.get("fingerprints", {}).get("teacher") == teacher_fp:
-            held = {k: recorded[k] for k in ("test_nll", "test_kl", "test_nll_rows", "test_kl_rows")}
-        else:
-            held = held_out(model, test_codes, test_labels, None if weights_fp == teacher_fp else teacher, by_row=True)
+        # the end of a training run measured them against its teacher (a shipped file: against the
+        # shipped teacher, without the rows); what is missing is measured here, once. The teacher's KL
+        # to itself is 0
+        recorded = ckpt["metrics"] if ckpt.get("fingerprints", {}).get("teacher", teacher_fp) == teacher_fp else {}
+        keys = ("test_nll", "test_kl") + (("test_nll_rows", "test_kl_rows") if by_row else ())
         if teacher is not None and weights_fp == teacher_fp:
-            held.update(test_kl=0.0, test_kl_rows=[0.0] * len(held["test_nll_rows"]))
+            recorded = {**recorded, "test_kl": 0.0}
+            if by_row:
+                recorded["test_kl_rows"] = [0.0] * model.config.grid_size
+        if all(k in recorded for k in keys) or (teacher is None and "test_nll" in recorded and not by_row):
+            held = {k: recorded[k] for k in (*keys, "test_nll_rows", "test_kl_rows") if k in recorded}
+        else:
+            held = {**held_out(model, test_codes, test_labels, None if weights_fp == teacher_fp else teacher, by_row=by_row),
+                    **{k: v for k, v in recorded.items() if k.startswith("test_kl")}}
         line = {"params": sum(p.numel() for p in model.parameters()), "steps": ckpt["step"],
                 "wall_time": ckpt["metrics"].get("wall_time", 0.0),
                 "teacher_seqs": ckpt["metrics"].get("teacher_seqs", 0), **held}

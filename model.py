@@ -113,12 +113,16 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, pos, k, v):
-        # k, v (B, H, S, head_dim) for positions pos (B, S), each row its own; a batch smaller than
-        # the cache's is fine
+        # k, v (B, H, S, head_dim) for positions pos (S,), or (B, S) with a row per sequence; a batch
+        # smaller than the cache's is fine
         B = k.shape[0]
-        rows = torch.arange(B, device=pos.device)[:, None]
-        self.k_cache[rows, :, pos] = k.transpose(1, 2)  # the indexed view is (B, S, H, head_dim)
-        self.v_cache[rows, :, pos] = v.transpose(1, 2)
+        if pos.dim() == 1:
+            self.k_cache[:B, :, pos] = k
+            self.v_cache[:B, :, pos] = v
+        else:
+            rows = torch.arange(B, device=pos.device)[:, None]
+            self.k_cache[rows, :, pos] = k.transpose(1, 2)  # the indexed view is (B, S, H, head_dim)
+            self.v_cache[rows, :, pos] = v.transpose(1, 2)
         return self.k_cache[:B], self.v_cache[:B]  # (B, H, 1 + T, head_dim)
 
 
@@ -209,17 +213,17 @@ class GPT(nn.Module):
         else:
             if self.layers[0].attention.kv_cache is None:
                 raise RuntimeError("prefill/decode need a KV cache: call model.setup_cache(batch_size) first")
-            pos = pos.expand(h.shape[0], S)  # (B, S): one row of positions per sequence
-            freqs_cis = self.freqs_cis[pos]  # (B, S, head_dim // 2, 2)
+            freqs_cis = self.freqs_cis[pos]  # (S or B, S, head_dim // 2, 2)
             # every cache slot is attended to, masked: a query sees the keys at or before its position
             # that its sequence has written. Slots beyond it (stale after a speculative rollback) and
             # slots not written (ZipAR's rows decoded ahead of the row above, the rest of a shorter
             # prefix) are invisible. The shapes stay those of the whole cache, so one compiled graph
             # serves every position.
             written = self.written[:h.shape[0]]  # (B, 1 + T)
-            written.scatter_(1, pos, True)
+            rows = pos.expand(h.shape[0], S)  # (B, S): the positions of each sequence
+            written.scatter_(1, rows, True)
             key_pos = torch.arange(written.shape[1], device=h.device)
-            mask = ((key_pos[None, None, :] <= pos[:, :, None]) & written[:, None, :])[:, None]  # (B, 1, S, 1 + T)
+            mask = ((key_pos <= rows[..., None]) & written[:, None, :])[:, None]  # (B, 1, S, 1 + T)
         for layer in self.layers:
             h = layer(h, freqs_cis, pos, mask)
         return self.output(self.norm(h)).float()  # (B, S, V)

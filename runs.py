@@ -47,7 +47,7 @@ RECIPE = ("method", "size", "max_iters", "batch_size", "lr", "min_lr_frac", "war
           "no_entropy_weights", "no_truncation", "no_groups", "groups", "no_parallel", "window", "pool_size", "pool_refresh", "pool_cfg")
 ROLES = {"teacher": "teacher", "ce": "no-KD student", "kd": "stage-1 KD student"}
 # minutes per 1000 steps at the default sizes on 2 CPU cores (RESULTS.md), for the messages
-MINUTES = {"teacher": 13, "ce": 2.3, "kd": 5, "seqkd": 8, "onpolicy": 5, "varkd": 6}
+MINUTES = {"teacher": 13, "ce": 2.3, "kd": 5.5, "seqkd": 8, "onpolicy": 6, "varkd": 8.5}
 
 
 def parser(description=None):

@@ -139,7 +139,7 @@ def tune(args, tokenizer, splits):
     if runs.rank_world()[0] > 0:
         return None
     lines = table([r.out for r in tried.values()], tokenizer, *splits["test"][:2],
-                  argparse.Namespace(**{**vars(args), "seed": seed}))
+                  argparse.Namespace(**{**vars(args), "seed": seed, "by_row": True}))
     result, md = {"seed": seed, "rule": "lowest FID-cls at the best scale of the guidance grid", "methods": {}}, []
     for method, row in tuned.items():
         scores = {cand: lines[tried[method, cand].out] for cand in candidates(method)}
@@ -188,7 +188,7 @@ def run(args, tokenizer, splits, seeds):
         # sampled with the seed of the runs (the teacher and the no-KD student too: their rows show
         # the sampling noise alone)
         measured = table([args.teacher, student] + [r.out for _, r in seed_runs], tokenizer, *splits["test"][:2],
-                         argparse.Namespace(**{**vars(args), "seed": seed}))
+                         argparse.Namespace(**{**vars(args), "seed": seed, "by_row": True}))
         lines[("teacher", seed)] = measured[args.teacher]
         seed_runs = [("ce", argparse.Namespace(out=student))] + seed_runs
         spec = speculative(args, tokenizer, seed_runs, seed)
