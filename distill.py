@@ -32,6 +32,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -41,7 +42,7 @@ from tqdm import tqdm
 import runs
 from checks import check_output, output_lock
 from data import batch_indices
-from evaluate import held_out, table
+from evaluate import held_figures, held_out, table
 from model import autocast, compile_decode
 from sample import generate
 
@@ -316,7 +317,10 @@ def train(args, tokenizer, splits, role=None):
     groups = (tokenizer.codebook_groups(args.groups or model.config.vocab_size // 4).to(device)
               if args.method == "varkd" and not args.no_groups else None)
     if teacher is not None and run.start == 0 and rank == 0:
-        metrics["start"] = run.init_measured if len(run.init_measured) == 2 else held_out(model, test_codes, test_labels, teacher)
+        # the starting student's figures, measured once (the table reads them again from its metrics.json)
+        metrics["start"] = (held_out(model, test_codes, test_labels, teacher) if args.init == "none" else
+                            held_figures(args.init, run.fingerprints["init"], run.init_measured, model, test_codes,
+                                         test_labels, teacher, run.fingerprints["teacher"], args.out_dir))
         print(f"before: test NLL {metrics['start']['test_nll']:.4f}, KL(teacher || student) "
               f"{metrics['start']['test_kl']:.4f} nats/code")
     step_fn = DDP(model) if world > 1 else model
@@ -366,8 +370,15 @@ def train(args, tokenizer, splits, role=None):
             if done % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens / (time.time() - t0):.0f}")
             if rank == 0 and (done % args.eval_interval == 0 or done == args.max_iters):
-                # the curve, on the first --eval-seqs test sequences at every point, the last step included
-                m = held_out(model, test_codes[:args.eval_seqs], test_labels[:args.eval_seqs], teacher)
+                # the curve, on the first --eval-seqs test sequences at every point, the last step included;
+                # at the last step the rest of the split too, in a second pass: the whole split's figures
+                n = args.eval_seqs
+                m = held_out(model, test_codes[:n], test_labels[:n], teacher, by_row=done == args.max_iters)
+                if done == args.max_iters:
+                    rest = held_out(model, test_codes[n:], test_labels[n:], teacher, by_row=True) if len(test_codes) > n else m
+                    w = min(n, len(test_codes)) / len(test_codes)  # every test sequence counts once
+                    final = {k: (np.asarray(m[k]) * w + np.asarray(rest[k]) * (1 - w)).tolist() for k in m}
+                    m = {k: v for k, v in m.items() if not k.endswith("_rows")}
                 metrics.setdefault("curve", []).append([done, *m.values()])
                 bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()) +
                           f" nats/code (first {args.eval_seqs} test sequences)")
@@ -382,7 +393,7 @@ def train(args, tokenizer, splits, role=None):
                                      f"{kept(args, saved)}")
                 if rank == 0:
                     if done == args.max_iters:
-                        metrics.update(held_out(model, test_codes, test_labels, teacher, by_row=True))
+                        metrics.update(final)
                     metrics["step"] = done
                     runs.save_checkpoint(args.out, model, optimizer, done, args, run.fingerprints, metrics)
                 saved = done

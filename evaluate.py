@@ -343,38 +343,41 @@ def cached_metrics(target, key):
     return entry if entry.get("key") == key else None
 
 
+def held_figures(path, weights_fp, recorded, model, codes, labels, teacher, teacher_fp, out_dir, by_row=False):
+    """The held-out figures of the checkpoint at `path` (test_nll, test_kl; per grid row too with
+    by_row): those its training run recorded against this teacher (`recorded`: its metrics, {} if
+    measured against another), else measured here once and kept in the metrics.json beside it (a
+    shipped file's under <out-dir>/weights/). The teacher's KL to itself is 0."""
+    at = beside(path, out_dir)
+    at = at.with_name(f"{at.name}@held")  # an entry of its own in metrics.json
+    key = fingerprint(weights_fp, teacher_fp, by_row)
+    cached = cached_metrics(at, key)
+    if cached is not None:
+        return {k: v for k, v in cached.items() if k != "key"}
+    keys = ("test_nll", "test_kl") + (("test_nll_rows", "test_kl_rows") if by_row else ())
+    if teacher is not None and weights_fp == teacher_fp:
+        recorded = {**recorded, "test_kl": 0.0, "test_kl_rows": [0.0] * model.config.grid_size}
+    if all(k in recorded for k in keys) or (teacher is None and "test_nll" in recorded and not by_row):
+        return {k: recorded[k] for k in (*keys, "test_nll_rows", "test_kl_rows") if k in recorded}
+    held = {**held_out(model, codes, labels, None if weights_fp == teacher_fp else teacher, by_row=by_row),
+            **{k: v for k, v in recorded.items() if k in ("test_kl", "test_kl_rows") and weights_fp == teacher_fp}}
+    save_metrics(at, key, held)
+    return held
+
+
 def report(path, ckpt, tokenizer, test_codes, test_labels, teacher, teacher_fp, args):
-    """The table line of the checkpoint at `path`: its held-out figures (NLL and KL to the teacher, in
-    all and per grid row) and, at each guidance scale of args.eval_cfg, the sample figures and a grid
-    of samples beside it (<path>.cfg<s>.png: ten per class, the same sampling seed for every model).
-    Each is computed once and kept in metrics.json with the fingerprints it was measured with."""
+    """The table line of the checkpoint at `path`: its held-out figures (NLL and KL to the teacher;
+    per grid row for the study) and, at each guidance scale of args.eval_cfg, the sample figures and
+    a grid of samples beside it (<path>.cfg<s>.png: ten per class, the same sampling seed for every
+    model). Each is computed once and kept in metrics.json with the fingerprints it was measured with."""
     shadow = beside(path, args.out_dir)  # its samples and metrics.json (out/weights/ for a shipped file)
     weights_fp = ckpt.get("fingerprint") or fingerprint(*(v.numpy() for v in ckpt["model"].values()))
-    model = None
-    by_row = getattr(args, "by_row", False)  # the study's drift table; the main job's table does without
-    held_key = fingerprint(weights_fp, teacher_fp, by_row)
-    line = cached_metrics(shadow, held_key)
-    if line is None:
-        model = load_checkpoint(path, tokenizer=tokenizer.fingerprint).to(test_codes.device).eval()
-        # the end of a training run measured them against its teacher (a shipped file: against the
-        # shipped teacher, without the rows); what is missing is measured here, once. The teacher's KL
-        # to itself is 0
-        recorded = ckpt["metrics"] if ckpt.get("fingerprints", {}).get("teacher", teacher_fp) == teacher_fp else {}
-        keys = ("test_nll", "test_kl") + (("test_nll_rows", "test_kl_rows") if by_row else ())
-        if teacher is not None and weights_fp == teacher_fp:
-            recorded = {**recorded, "test_kl": 0.0}
-            if by_row:
-                recorded["test_kl_rows"] = [0.0] * model.config.grid_size
-        if all(k in recorded for k in keys) or (teacher is None and "test_nll" in recorded and not by_row):
-            held = {k: recorded[k] for k in (*keys, "test_nll_rows", "test_kl_rows") if k in recorded}
-        else:
-            held = {**held_out(model, test_codes, test_labels, None if weights_fp == teacher_fp else teacher, by_row=by_row),
-                    **{k: v for k, v in recorded.items() if k.startswith("test_kl")}}
-        line = {"params": sum(p.numel() for p in model.parameters()), "steps": ckpt["step"],
-                "wall_time": ckpt["metrics"].get("wall_time", 0.0),
-                "teacher_seqs": ckpt["metrics"].get("teacher_seqs", 0), **held}
-        save_metrics(shadow, held_key, line)
-    line = {k: v for k, v in line.items() if k != "key"}
+    model = load_checkpoint(path, tokenizer=tokenizer.fingerprint).to(test_codes.device).eval()
+    recorded = ckpt["metrics"] if ckpt.get("fingerprints", {}).get("teacher", teacher_fp) == teacher_fp else {}
+    line = {"params": sum(p.numel() for p in model.parameters()), "steps": ckpt["step"],
+            "wall_time": ckpt["metrics"].get("wall_time", 0.0), "teacher_seqs": ckpt["metrics"].get("teacher_seqs", 0),
+            **held_figures(path, weights_fp, recorded, model, test_codes, test_labels, teacher, teacher_fp,
+                           args.out_dir, getattr(args, "by_row", False))}  # by_row: the study's drift table
     line["cfg"] = {}
     for scale in args.eval_cfg if args.eval_samples > 0 else []:
         at = shadow.with_name(f"{shadow.name}@cfg{scale:g}")  # an entry of its own in metrics.json
@@ -382,7 +385,6 @@ def report(path, ckpt, tokenizer, test_codes, test_labels, teacher, teacher_fp, 
         samples = shadow.with_suffix(f".cfg{scale:g}.png")
         figures = cached_metrics(at, key)
         if figures is None or not samples.exists():
-            model = model or load_checkpoint(path, tokenizer=tokenizer.fingerprint).to(test_codes.device).eval()
             t0 = time.time()
             images, labels = draw(model, tokenizer, max(args.eval_samples, 10 * model.config.num_classes), scale,
                                   seed=args.seed)
