@@ -238,12 +238,60 @@ def mixed_rollout(student, codes, labels, prefix_frac=(0.25, 0.75), generator=No
 
 
 # ------------------------------------------------------------------------------------------------
+# What a student matches: the teacher's logits, or the teacher as it samples with guidance. And
+# CCA, the teacher-free way to a guidance-free model.
+
+
+def teacher_target(teacher, codes, labels, cfg_scale=1.0):
+    """The teacher's target logits on a batch (B, T, V). cfg_scale 1: its own conditional logits.
+    Otherwise the distribution its sampler draws from with classifier-free guidance (sample.generate),
+    l_u + s (l_c - l_u), from one pass over the conditional and the null-class rows, so that a student
+    trained on it samples like the guided teacher in one pass per code; rows whose label was dropped
+    get the teacher's unconditional logits, so the student keeps a usable unconditional branch."""
+    if cfg_scale == 1:
+        return teacher(codes, labels)
+    null = teacher.config.num_classes
+    cond, uncond = teacher(torch.cat([codes, codes]), torch.cat([labels, torch.full_like(labels, null)])).chunk(2)
+    return torch.where((labels == null)[:, None, None], uncond, uncond + cfg_scale * (cond - uncond))
+
+
+def sequence_logp(logits, codes):
+    """log p(x | c) of whole sequences: (B, T, V) logits and (B, T) codes -> (B,)."""
+    return F.log_softmax(logits.float(), -1).gather(-1, codes[..., None])[..., 0].sum(-1)
+
+
+def cca_loss(gap, negative_gap, unconditional, beta=0.02, lam=1000.0):
+    """Condition Contrastive Alignment (Chen et al. 2024, arXiv 2410.09347; the null class handled as
+    their code does): gap = log p_theta(x|c) - log p_ref(x|c) per sequence (B,) on matched (image,
+    label) pairs, negative_gap the same with a mismatched label c'. Matched pairs are pushed up,
+    -log sigmoid(beta gap), mismatched ones down with weight lam, -lam log sigmoid(-beta gap'): the
+    model moves away from the other classes' images as guidance moves its sampler, and samples in one
+    pass. Rows whose label was dropped (unconditional, (B,) bool) count as positives on both terms, so
+    the unconditional model is kept; the sum is divided by max(lam, 1) as in their code."""
+    sign = torch.where(unconditional, 1.0, -1.0)
+    weight = torch.where(unconditional, 1.0, lam)
+    loss = -F.logsigmoid(beta * gap).mean() - (weight * F.logsigmoid(sign * beta * negative_gap)).mean()
+    return loss / max(lam, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
 # One step of one method, then the loop.
 
 
 def method_loss(args, step_fn, model, teacher, codes, labels, groups, g):
-    """One step of one method: where its contexts come from, then which divergence. codes (B, T) are
-    data (or, for seqkd, teacher samples), labels after label dropout; g is the step's random generator."""
+    """One step of one method: where its contexts come from, then which divergence. step_fn is the
+    model as trained (DDP and torch.compile wrap it), model the raw one (its rollouts use the KV
+    cache); teacher is the teacher (for cca, the frozen reference); codes (B, T) are data (or, for
+    seqkd, teacher samples), labels after label dropout; g is the step's random generator."""
+    if args.method == "cca":  # teacher is the frozen reference, the starting model
+        null = model.config.num_classes
+        other = (labels + torch.randint(1, null, labels.shape, generator=g, device=g.device).to(labels.device)) % null
+        negative = torch.where(labels == null, labels, other)  # any other class; a dropped label stays null
+        both, twice = torch.cat([labels, negative]), torch.cat([codes, codes])
+        with torch.no_grad():
+            ref = sequence_logp(teacher(twice, both), twice)
+        gap, negative_gap = (sequence_logp(step_fn(twice, both), twice) - ref).chunk(2)
+        return cca_loss(gap, negative_gap, labels == null, args.cca_beta, args.cca_lambda)
     sampled = torch.zeros_like(codes, dtype=torch.bool)  # (B, T): the positions the student wrote
     rollout = args.method in ("onpolicy", "varkd") and torch.rand(1, generator=g, device=g.device).item() < args.lam
     if rollout:
@@ -253,7 +301,7 @@ def method_loss(args, step_fn, model, teacher, codes, labels, groups, g):
     if args.method == "ce":
         return F.cross_entropy(logits.flatten(0, 1), codes.flatten())
     with torch.no_grad():
-        t_logits = teacher(codes, labels)
+        t_logits = teacher_target(teacher, codes, labels, args.teacher_cfg)
     real = ~sampled  # data contexts: a rollout's real prefix, or the whole of a data step
     if args.method in ("kd", "seqkd"):
         loss = kd_loss(logits, t_logits, args.tau)
@@ -354,7 +402,7 @@ def train(args, tokenizer, splits, role=None):
                 codes, labels = train_codes[idx].to(device).long()[rank::world], labels[rank::world]
             g.manual_seed(step_seed * 1024 + rank + 1)  # this rank's own rollouts
             with amp:
-                loss = method_loss(args, step_fn, model, teacher, codes, labels, groups, g)
+                loss = method_loss(args, step_fn, model, run.reference or teacher, codes, labels, groups, g)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             # the norm of the all-reduced gradients: every rank sees the same one, and stops together
@@ -364,8 +412,9 @@ def train(args, tokenizer, splits, role=None):
                                  f"diverged; {kept(args, saved)}")
             optimizer.step()
             tokens += codes.numel() * world
-            if teacher is not None:  # the cost the paper counts: sequences the teacher scores (or samples, above)
-                metrics["teacher_seqs"] = metrics.get("teacher_seqs", 0) + codes.shape[0] * world
+            if teacher is not None and args.method != "cca":  # the cost the paper counts: sequences the teacher scores (or samples, above)
+                passes = 1 + (args.teacher_cfg != 1)  # a guided target scores each sequence twice
+                metrics["teacher_seqs"] = metrics.get("teacher_seqs", 0) + codes.shape[0] * world * passes
             done = step + 1
             if done % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens / (time.time() - t0):.0f}")

@@ -37,7 +37,7 @@ from checks import check_output, count, existing_device, output_lock, positive_i
 from data import WEIGHTS, atomic_write, beside, fingerprint, load_fashion_mnist, load_image_folder, save_grid
 from inception import InceptionV3, load_inception  # noqa: F401 (re-exported: evaluate.InceptionV3, evaluate.load_inception)
 from model import add_decode_flag, compile_decode, load_checkpoint
-from sample import generate
+from sample import generate, images_per_second
 from tokenizer import load_tokenizer
 
 
@@ -284,6 +284,8 @@ def evaluate_images(images, labels, features, out_dir, data_dir, inception_weigh
 # ------------------------------------------------------------------------------------------------
 # The main job's table (distill.py): one line per model, each measured once.
 
+SPEED_BATCHES = (64, 1)  # images per call of the sampling speed: throughput, and one image at a time
+
 
 @torch.no_grad()
 def held_out(model, codes, labels, teacher=None, batch_size=500, by_row=False):
@@ -393,7 +395,11 @@ def report(path, ckpt, tokenizer, test_codes, test_labels, teacher, teacher_fp, 
             order = np.argsort(labels[:10 * model.config.num_classes], kind="stable")  # labels cycle the classes
             save_grid(images[order].reshape(model.config.num_classes, 10, *images.shape[1:]), samples)
             save_metrics(at, key, figures)
-        line["cfg"][scale] = {k: v for k, v in figures.items() if k != "key"}
+        figures = {k: v for k, v in figures.items() if k != "key"}
+        if any(f"img_s_{b}" not in figures for b in SPEED_BATCHES):  # the sampling cost, beside the quality
+            figures.update({f"img_s_{b}": images_per_second(model, scale, b) for b in SPEED_BATCHES})
+            save_metrics(at, key, figures)
+        line["cfg"][scale] = figures
     if line["cfg"]:  # each model at its own best scale: one fixed scale is another point of each curve
         best = min(line["cfg"], key=lambda s: line["cfg"][s]["FID-cls"])
         line.update(best_cfg=best, **line["cfg"][best])
@@ -412,9 +418,9 @@ def table(paths, tokenizer, test_codes, test_labels, args):
         teacher, teacher_fp = teacher.to(device), teacher.fingerprint
     if args.eval_samples > 0:
         load_extractor("cls", args.data_dir, None, device)  # refused if missing, before the table
-    cols = ("FID-cls", "KID-cls", "precision-cls", "recall-cls", "IS-cls", "class_acc-cls")
+    cols = ("FID-cls", "KID-cls", "precision-cls", "recall-cls", "IS-cls", "class_acc-cls", "img_s_64", "img_s_1")
     print(f"\n{'model':<22} {'params':>7} {'steps':>5} {'NLL':>6} {'KL(T|m)':>7} {'train':>6} {'CFG':>4} {'FID-cls':>7} "
-          f"{'KID-cls':>7} {'prec':>5} {'recall':>6} {'IS-cls':>6} {'acc':>5}  samples")
+          f"{'KID-cls':>7} {'prec':>5} {'recall':>6} {'IS-cls':>6} {'acc':>5} {'img/s64':>7} {'img/s1':>6}  samples")
     lines = {}
     for path in dict.fromkeys(str(p) for p in paths):
         if not Path(path).exists():
@@ -426,11 +432,12 @@ def table(paths, tokenizer, test_codes, test_labels, args):
         kl = f"{m['test_kl']:.4f}" if "test_kl" in m else "-"
         head = f"{path:<22} {m['params'] / 1e6:>6.2f}M {m['steps']:>5} {m['test_nll']:>6.3f} {kl:>7} {m['wall_time'] / 60:>5.1f}m"
         for i, (scale, f) in enumerate(m["cfg"].items() or [(None, {})]):
-            figures = [f"{f[c]:.{d}f}" if c in f else "-" for c, d in zip(cols, (2, 2, 3, 3, 2, 3))]
+            figures = [f"{f[c]:.{d}f}" if c in f else "-" for c, d in zip(cols, (2, 2, 3, 3, 2, 3, 0, 1))]
             print(f"{head if i == 0 else '':<{len(head)}} {'-' if scale is None else f'{scale:g}':>4} " +
-                  " ".join(f"{x:>{w}}" for x, w in zip(figures, (7, 7, 5, 6, 6, 5))) + f"  {f.get('samples', '')}")
+                  " ".join(f"{x:>{w}}" for x, w in zip(figures, (7, 7, 5, 6, 6, 5, 7, 6))) + f"  {f.get('samples', '')}")
     print(f"(NLL and KL(teacher || model) in nats per code on the test split; the -cls figures on "
-          f"{args.eval_samples} samples at each CFG scale against the test split; train: wall time)")
+          f"{args.eval_samples} samples at each CFG scale against the test split; train: wall time; img/s: "
+          f"images sampled per second at 64 and 1 per call on {args.device}, {torch.get_num_threads()} threads)")
     curves = {Path(p).parent.name if Path(p).name == "ckpt.pt" else Path(p).stem: m["cfg"] for p, m in lines.items()}
     if args.eval_samples > 0 and len(args.eval_cfg) > 1 and curves:
         cfg_plot({n: {s: f["FID-cls"] for s, f in c.items()} for n, c in curves.items()}, Path(args.out_dir) / "fid_vs_cfg.png")

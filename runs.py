@@ -23,7 +23,7 @@ from checks import (check_output, count, existing_device, fraction, fraction_ran
 from data import WEIGHTS, atomic_write, prepare_tokens
 from model import GPT, PRESETS, GPTConfig, add_decode_flag, load_checkpoint
 
-METHODS = ("ce", "kd", "seqkd", "onpolicy", "varkd")
+METHODS = ("ce", "kd", "seqkd", "onpolicy", "varkd", "cca")
 # each method's defaults for the flags left unset (the rest of the table in the flags' help): its
 # steps (ce: the shipped student's), where it starts (the paper's two stages: kd from the no-KD
 # student, {student}: the shipped one with the shipped tokenizer; stage 2 from kd), its peak
@@ -36,6 +36,8 @@ DEFAULTS = {
     "seqkd": dict(max_iters=400, init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=0.0, beta=0.5, supervise="all"),
     "onpolicy": dict(max_iters=400, init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=0.1, beta=0.5, supervise="prefix-kd"),
     "varkd": dict(max_iters=400, init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=1.0, beta=1.0, supervise="prefix-kd"),
+    # no teacher: a guidance-free model from the no-KD student alone, the alternative to distilling
+    "cca": dict(max_iters=400, init="{student}", lr=1e-3, lam=0.0, beta=0.5, supervise="all"),
 }
 # flags every run of one pipeline shares: the parents built for a run get them too
 SHARED = ("out_dir", "data_dir", "grid", "flip", "image_size", "tokenizer", "teacher", "teacher_preset", "teacher_size",
@@ -44,17 +46,22 @@ SHARED = ("out_dir", "data_dir", "grid", "flip", "image_size", "tokenizer", "tea
 # what a run's weights depend on besides its inputs: a checkpoint is reused or continued only with the same
 RECIPE = ("method", "size", "max_iters", "batch_size", "lr", "min_lr_frac", "warmup", "schedule", "weight_decay",
           "grad_clip", "seed", "tau", "ce_weight", "lam", "beta", "supervise", "prefix_frac", "threshold",
-          "no_entropy_weights", "no_truncation", "no_groups", "groups", "no_parallel", "window", "pool_size", "pool_refresh", "pool_cfg")
+          "no_entropy_weights", "no_truncation", "no_groups", "groups", "no_parallel", "window", "pool_size", "pool_refresh", "pool_cfg",
+          "teacher_cfg", "cca_beta", "cca_lambda")
+# flags added to RECIPE later, with the value a checkpoint written before them was trained with
+RECIPE_SINCE = {"teacher_cfg": 1.0, "cca_beta": 0.02, "cca_lambda": 1000.0}
 ROLES = {"teacher": "teacher", "ce": "no-KD student", "kd": "stage-1 KD student"}
 # minutes per 1000 steps at the default sizes on 2 CPU cores (RESULTS.md), for the messages
-MINUTES = {"teacher": 13, "ce": 2.3, "kd": 5.5, "seqkd": 8, "onpolicy": 6, "varkd": 8.5}
+MINUTES = {"teacher": 13, "ce": 2.3, "kd": 5.5, "seqkd": 8, "onpolicy": 6, "varkd": 8.5, "cca": 5}
 
 
-def parser(description=None):
+def parser(description=None, eval_cfg="1,2"):
+    """Every flag of a run; eval_cfg: the guidance scales of the final table (the study's grid is wider)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="ce", choices=list(METHODS), help="ce: next-code cross-entropy "
                    "on data (teacher, no-KD student); kd: forward KL on data; seqkd: forward KL on teacher "
-                   "samples; onpolicy: GKD on mixed rollouts; varkd (default: ce)")
+                   "samples; onpolicy: GKD on mixed rollouts; varkd; cca: condition contrastive alignment, no teacher "
+                   "(default: ce)")
     p.add_argument("--size", "--student-preset", default="student", help=f"model preset: one of "
                    f"{', '.join(PRESETS)}; 'teacher' and 'student' are the CPU defaults (default: student)")
     p.add_argument("--out", help="checkpoint path (default: out/teacher.pt for --size teacher, "
@@ -108,8 +115,16 @@ def parser(description=None):
                     "(default: 8192)")
     kd.add_argument("--pool-refresh", type=positive_int, default=250, help="seqkd: steps between new pools, >= 1; at batch 128 "
                     "each sample is seen about 4 times (default: 250)")
-    kd.add_argument("--pool-cfg", type=non_negative, default=1.0, help="seqkd: CFG scale of the teacher's samples, "
-                    ">= 0 (default: 1.0, the teacher's own distribution)")
+    kd.add_argument("--pool-cfg", type=non_negative, help="seqkd: CFG scale of the teacher's samples, >= 0 "
+                    "(default: --teacher-cfg: the distribution the student is taught)")
+    kd.add_argument("--teacher-cfg", type=non_negative, default=1.0, help="the target of kd, seqkd, onpolicy and "
+                    "varkd: the teacher's logits with this classifier-free guidance, l_u + S (l_c - l_u), so that "
+                    "the student learns to sample like the guided teacher without guidance (one pass per code); "
+                    ">= 0 (default: 1, the teacher's own logits)")
+    kd.add_argument("--cca-beta", type=positive, default=0.02, help="cca: beta of the log-ratio per sequence, > 0 "
+                    "(default: 0.02, the authors' for LlamaGen)")
+    kd.add_argument("--cca-lambda", type=positive, default=1000.0, help="cca: weight of the mismatched pairs, > 0 "
+                    "(default: 1000, the authors' for LlamaGen-B)")
     p.add_argument("--max-iters", type=positive_int, help="optimizer steps (>= 1) of this run and of the student runs "
                    "the pipeline builds first (default: --teacher-iters for the teacher, 12000 for ce as the "
                    "shipped student, 400 otherwise)")
@@ -136,9 +151,8 @@ def parser(description=None):
                    "(default: 250)")
     p.add_argument("--eval-samples", type=count, default=5000, help="samples per model for the final table's "
                    "FID-cls and friends, >= 0, 0 = none (default: 5000)")
-    p.add_argument("--eval-cfg", type=scale_list, default="1,2", help="their classifier-free guidance scales, "
-                   "comma-separated, each >= 0: every model is scored at each (default: 1,2: without guidance, and "
-                   "at twice the conditional logits' lead)")
+    p.add_argument("--eval-cfg", type=scale_list, default=eval_cfg, help="their classifier-free guidance scales, "
+                   f"comma-separated, each >= 0: every model is scored at each (default: {eval_cfg}; 1 is no guidance)")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run at --out (with "
                    "the flags it was started with); the parents the pipeline builds are always continued")
     p.add_argument("--seed", type=count, default=0, help="seed of init, data order and dropout, >= 0 (default: 0)")
@@ -178,6 +192,11 @@ def get_args(argv=None, p=None, **stage):
     for key, value in DEFAULTS[args.method].items():
         if getattr(args, key) is None:
             setattr(args, key, value.format(out_dir=args.out_dir, student=student) if isinstance(value, str) else value)
+    if args.pool_cfg is None:
+        args.pool_cfg = args.teacher_cfg
+    if args.teacher_cfg != 1 and args.method in ("ce", "cca"):
+        p.error(f"--teacher-cfg {args.teacher_cfg:g}: {args.method} has no teacher to guide; pass it with kd, seqkd, "
+                f"onpolicy or varkd")
     args.shared = {**{k: getattr(args, k) for k in SHARED}, "max_iters": max_iters}
     return args
 
@@ -198,7 +217,7 @@ def pipeline(args):
     (stage-1 KD). By default the teacher and the no-KD student are the shipped ones (weights/), so
     a stage-2 method builds stage-1 KD alone; any other --teacher or --init must exist."""
     runs, run = [], args
-    if args.method != "ce" and args.teacher == f"{args.out_dir}/teacher.pt":
+    if args.method not in ("ce", "cca") and args.teacher == f"{args.out_dir}/teacher.pt":
         runs.append(stage_args(args, "teacher"))
     parents = []
     while run.method != "ce" and run.init in (f"{args.out_dir}/ce/ckpt.pt", f"{args.out_dir}/kd/ckpt.pt"):
@@ -299,8 +318,8 @@ def existing_run(args, fingerprints, config, role):
         raise SystemExit(f"{args.out} holds a {c['n_layer']}-layer model of width {c['dim']}, not --size "
                          f"{args.size} ({config.n_layer} x {config.dim}): pass the --size it was trained with, "
                          f"or --out elsewhere")
-    differs = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} (now {getattr(args, k)})"
-               for k in RECIPE if ckpt["args"].get(k) != getattr(args, k)]
+    recipe = {k: ckpt["args"].get(k, RECIPE_SINCE.get(k)) for k in RECIPE}
+    differs = [f"--{k.replace('_', '-')} {recipe[k]} (now {getattr(args, k)})" for k in RECIPE if recipe[k] != getattr(args, k)]
     if differs and role is None:
         raise SystemExit(f"{args.out} was trained with {', '.join(differs)}: pass the same flags to reuse "
                          f"or continue it, or --out elsewhere (nothing is overwritten)")
@@ -326,8 +345,12 @@ def open_run(args, tokenizer, splits, role=None):
         started = read_checkpoint(args.out, "checkpoint of distill.py", "pass --out elsewhere").get("args", {})
         args = argparse.Namespace(**{**vars(args), **{k: started[k] for k in ("init", "teacher", "teacher_preset")
                                                       if k in started}})
-    teacher = init = None
-    if args.method != "ce":
+    teacher = init = reference = None
+    if args.method == "cca" and args.init == "none":
+        raise SystemExit("cca fine-tunes a trained model against a frozen copy of it: pass a checkpoint as --init "
+                         "(default: the no-KD student), not none")
+    # cca trains without a teacher: one that exists is loaded for the held-out KL alone
+    if args.method != "ce" and (args.method != "cca" or Path(args.teacher).exists()):
         teacher, fingerprints["teacher"], _ = load_parent(args.teacher, "teacher", fingerprints, device,
                                                           args.teacher_preset, tokenizer)
         teacher.requires_grad_(False)
@@ -342,10 +365,12 @@ def open_run(args, tokenizer, splits, role=None):
             raise SystemExit(f"{args.init} is not a --size {args.size} model ({init.config.n_layer} layers of "
                              f"width {init.config.dim}, not {config.n_layer} x {config.dim}): pass the --size it "
                              f"was trained with")
+    if args.method == "cca":  # CCA's reference: the starting model, frozen
+        reference = init.requires_grad_(False).eval()
     ckpt = existing_run(args, fingerprints, config, role)
     if ckpt is not None and role is not None:  # a parent runs with the flags it was started with
-        args = argparse.Namespace(**{**vars(args), **{k: ckpt["args"][k] for k in RECIPE}})
-    run = SimpleNamespace(args=args, config=config, fingerprints=fingerprints, teacher=teacher, done=False,
+        args = argparse.Namespace(**{**vars(args), **{k: ckpt["args"].get(k, RECIPE_SINCE.get(k)) for k in RECIPE}})
+    run = SimpleNamespace(args=args, config=config, fingerprints=fingerprints, teacher=teacher, reference=reference, done=False,
                           model=None, optimizer=None, start=0, metrics={"wall_time": 0.0},
                           init_measured=init_measured)
     if ckpt is not None and ckpt["step"] >= args.max_iters:

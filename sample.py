@@ -98,6 +98,26 @@ def generate(model, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, 
     return codes
 
 
+@torch.no_grad()
+def images_per_second(model, cfg_scale=1.0, batch_size=64, min_seconds=1.0, seed=0):
+    """generate()'s throughput on this machine: images per second at batch_size images per call
+    (guidance doubles each call's rows: the cost a guidance-free model saves), after a warm-up call,
+    over whole calls lasting at least min_seconds. A table times each of its models this way, in one
+    process and one decode mode: compare the figures as ratios within it."""
+    device = next(model.parameters()).device
+    labels = torch.arange(batch_size, device=device) % model.config.num_classes
+    g = torch.Generator(device).manual_seed(seed)
+    generate(model, labels, cfg_scale, generator=g)  # warm-up: allocations, caches, compilation
+    n, t0 = 0, time.perf_counter()
+    while True:
+        generate(model, labels, cfg_scale, generator=g)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        n += batch_size
+        if time.perf_counter() - t0 >= min_seconds:
+            return n / (time.perf_counter() - t0)
+
+
 # ------------------------------------------------------------------------------------------------
 # Speculative sampling (Leviathan et al. 2023): a small draft proposes gamma codes one at a time,
 # the target scores all of them in one call and keeps a prefix; the output is distributed exactly

@@ -73,23 +73,52 @@ READINGS = {"prefix-kd": ["--supervise", "prefix-kd", "--prefix-frac", "0.25,0.7
 FIGURES = [("FID-cls", "FID-cls", 2), ("KID-cls", "KID-cls", 2), ("precision-cls", "prec", 3),
            ("recall-cls", "recall", 3), ("IS-cls", "IS-cls", 2), ("class_acc-cls", "acc", 3),
            ("test_nll", "NLL", 3), ("test_kl", "KL to teacher", 3), ("wall_time", "train min", 1),
-           ("teacher_seqs", "teacher seqs (k)", 1)]
+           ("teacher_seqs", "teacher seqs (k)", 1), ("img_s_64", "img/s 64", 0), ("img_s_1", "img/s 1", 1)]
 HELD_OUT = ("test_nll", "test_kl", "wall_time", "teacher_seqs")  # the others: at a guidance scale
-PLOTTED = ("teacher", "ce", "kd", "kd_cont", "ce_cont", "seqkd", "onpolicy", "varkd", "varkd_sampled", "varkd_all")
+# the guidance-free study (--guidance-free): every method taught the guided teacher (--teacher-cfg S,
+# tuned), CCA beside them, all from the no-KD student, judged at CFG 1: a student that samples in one
+# pass per code, against the no-KD student at CFG 2 (two passes)
+GF_ROWS = [
+    ("ce_cont", "ce", [], "ce continued, no teacher (control)", None),
+    ("kd_gf", "kd", [], "kd, the guided teacher's target", None),
+    ("seqkd_gf", "seqkd", [], "SeqKD, the guided teacher's samples and target", None),
+    ("onpolicy_gf", "onpolicy", [], "GKD, the guided teacher's target", None),
+    ("varkd_gf", "varkd", [], "VarKD, the guided teacher's target", None),
+    ("cca", "cca", [], "CCA (Chen et al. 2024), no teacher", None),
+]
+GF_TUNED = {"ce": "ce_cont", "kd": "kd_gf", "seqkd": "seqkd_gf", "onpolicy": "onpolicy_gf", "varkd": "varkd_gf", "cca": "cca"}
+# each method's guidance knob, tried beside TUNE_LRS: the teacher's scale S, or CCA's lambda (its
+# guidance strength: the authors' 1000 for LlamaGen-B and a tenth of it). The readings of a rollout's
+# prefix are not tried again here: prefix-kd, the default
+TEACHER_CFGS = {f"S{s}": ["--teacher-cfg", s] for s in ("2", "3")}
+GF_KNOBS = {"kd": TEACHER_CFGS, "seqkd": TEACHER_CFGS, "onpolicy": TEACHER_CFGS, "varkd": TEACHER_CFGS,
+            "cca": {f"lam{v}": ["--cca-lambda", v] for v in ("100", "1000")}}
+PLANS = {  # rows, tuned methods and their grid, the start of stage 2, the tuning's scale (None: each one's best)
+    "paper": dict(rows=ROWS, tuned=TUNED, readings=READINGS, knobs={}, start="kd", rule_cfg=None, dir="study",
+                  control="kd_cont"),
+    "guidance-free": dict(rows=GF_ROWS, tuned=GF_TUNED, readings={}, knobs=GF_KNOBS, start="ce", rule_cfg=1.0,
+                          dir="study_gf", control="ce_cont"),
+}
+PLOTTED = ("teacher", "ce", "kd", "kd_cont", "ce_cont", "seqkd", "onpolicy", "varkd", "varkd_sampled", "varkd_all",
+           "kd_gf", "seqkd_gf", "onpolicy_gf", "varkd_gf", "cca")
 SPEC_CFG = 2.0  # the drafts and the comparison image: the scale the teacher is best at
 # the students that draft for the teacher (sample.speculative_speed): one image per call, gamma 4
-DRAFTS = ("ce", "kd", "kd_cont", "seqkd", "onpolicy", "varkd")
+DRAFTS = ("ce", "kd", "kd_cont", "seqkd", "onpolicy", "varkd", "kd_gf", "varkd_gf", "cca")
 SPECULATIVE = [("spec_acceptance", "drafts accepted", 3), ("spec_codes_per_call", "codes per teacher call", 2),
                ("spec_speed_up", "speed-up", 2), ("spec_draft_cost", "draft cost per call", 2)]
 
 
-def row_list(text):
-    """--rows: comma-separated names from ROWS, kept in ROWS' order."""
-    names, known = {n.strip() for n in text.split(",") if n.strip()}, [name for name, *_ in ROWS]
+def row_list(text, rows):
+    """--rows: comma-separated names from the plan's rows, kept in their order; None: the problem."""
+    names, known = {n.strip() for n in text.split(",") if n.strip()}, [name for name, *_ in rows]
     if not names or names - set(known):
-        raise argparse.ArgumentTypeError(f"unknown row(s) {', '.join(sorted(names - set(known))) or '(none given)'}: "
-                                         f"give comma-separated names from {', '.join(known)}")
-    return [n for n in known if n in names]
+        return None, (f"--rows: unknown row(s) {', '.join(sorted(names - set(known))) or '(none given)'}: give "
+                      f"comma-separated names from {', '.join(known)}")
+    return [n for n in known if n in names], None
+
+
+def study_dir(args):
+    return Path(args.out_dir) / args.plan["dir"]
 
 
 def stage1(args, seed, base):
@@ -99,39 +128,47 @@ def stage1(args, seed, base):
 
 
 def stage2(args, seed, kd, method, flags, out):
-    shared = {**args.shared, "seed": seed, "resume": True, "max_iters": args.study_iters, "init": kd.out}
+    """A row's run from `kd` (the guidance-free study: from the no-KD student itself)."""
+    init = kd.out if args.plan["start"] == "kd" else kd.init
+    shared = {**args.shared, "seed": seed, "resume": True, "max_iters": args.study_iters, "init": init}
     return runs.get_args(["--method", method, *flags], **shared, out=out)
 
 
 def study_runs(args, seed, winners):
     """The runs of one seed, parents first: [(name, run args)]. Every row starts from that seed's
-    stage-1 KD, with its method's tuned flags (winners: method -> flags), then its own."""
-    base = f"{args.out_dir}/study/seed{seed}"
+    stage-1 KD (the guidance-free study: from the no-KD student), with its method's tuned flags
+    (winners: method -> flags), then its own."""
+    base = f"{study_dir(args)}/seed{seed}"
     kd = stage1(args, seed, base)
-    return [("kd", kd)] + [(name, stage2(args, seed, kd, method, [*winners.get(method, []), *flags],
-                                         f"{base}/{name}/ckpt.pt"))
-                           for name, method, flags, _, _ in ROWS if name in args.rows]
+    return [("kd", kd)] * (args.plan["start"] == "kd") + [
+        (name, stage2(args, seed, kd, method, [*winners.get(method, []), *flags], f"{base}/{name}/ckpt.pt"))
+        for name, method, flags, _, _ in args.plan["rows"] if name in args.rows]
 
 
-def candidates(method):
-    """The tuning grid of a method: {candidate name: flags}."""
-    readings = READINGS if method in ("onpolicy", "varkd") else {"": []}
-    return {f"lr{lr}" + (f"_{r}" if r else ""): ["--lr", lr, *flags] for lr in TUNE_LRS for r, flags in readings.items()}
+def candidates(method, plan):
+    """The tuning grid of a method: {candidate name: flags}, every learning rate with every reading of
+    a rollout's prefix (the paper's study) or every setting of its guidance knob (the guidance-free one)."""
+    readings = plan["readings"] if method in ("onpolicy", "varkd") and plan["readings"] else {"": []}
+    knobs = plan["knobs"].get(method, {"": []})
+    return {"_".join(filter(None, (f"lr{lr}", r, k))): ["--lr", lr, *r_flags, *k_flags]
+            for lr in TUNE_LRS for r, r_flags in readings.items() for k, k_flags in knobs.items()}
 
 
 def tune(args, tokenizer, splits):
     """Every tuned method's grid on the validation seed, measured at every guidance scale; returns
     {method: the winner's flags} and writes out/study/tuning.md/.json. Resumable as the study is."""
-    seed, base = args.tune_seed, f"{args.out_dir}/study/tune{args.tune_seed}"
+    seed, base, plan = args.tune_seed, f"{study_dir(args)}/tune{args.tune_seed}", args.plan
+    rule_cfg = plan["rule_cfg"]
     kd = stage1(args, seed, base)
-    print(f"\n== tuning, validation seed {seed}: stage-1 KD ==")
-    train(kd, tokenizer, splits)
-    rows = {name: (method, flags) for name, method, flags, _, _ in ROWS}
+    if plan["start"] == "kd":
+        print(f"\n== tuning, validation seed {seed}: stage-1 KD ==")
+        train(kd, tokenizer, splits)
+    rows = {name: (method, flags) for name, method, flags, _, _ in plan["rows"]}
     methods = {rows[name][0] for name in args.rows}  # the methods of the rows asked for are tuned
-    tuned = {method: row for method, row in TUNED.items() if method in methods}
+    tuned = {method: row for method, row in plan["tuned"].items() if method in methods}
     tried = {}  # (method, candidate) -> run
     for method, row in tuned.items():
-        for cand, flags in candidates(method).items():
+        for cand, flags in candidates(method, plan).items():
             print(f"\n== tuning, validation seed {seed}: {row} {cand} ==")
             run = stage2(args, seed, kd, method, [*flags, *rows[row][1]], f"{base}/{row}_{cand}/ckpt.pt")
             train(run, tokenizer, splits)
@@ -140,11 +177,13 @@ def tune(args, tokenizer, splits):
         return None
     lines = table([r.out for r in tried.values()], tokenizer, *splits["test"][:2],
                   argparse.Namespace(**{**vars(args), "seed": seed, "by_row": True}))
-    result, md = {"seed": seed, "rule": "lowest FID-cls at the best scale of the guidance grid", "methods": {}}, []
+    rule = (f"lowest FID-cls at CFG {rule_cfg:g}" if rule_cfg else "lowest FID-cls at the best scale of the guidance grid")
+    result, md = {"seed": seed, "rule": rule, "methods": {}}, []
+    score = lambda m: m["cfg"][rule_cfg]["FID-cls"] if rule_cfg else m["FID-cls"]
     for method, row in tuned.items():
-        scores = {cand: lines[tried[method, cand].out] for cand in candidates(method)}
-        winner = min(scores, key=lambda c: scores[c]["FID-cls"])
-        result["methods"][method] = {"row": row, "winner": winner, "flags": candidates(method)[winner],
+        scores = {cand: lines[tried[method, cand].out] for cand in candidates(method, plan)}
+        winner = min(scores, key=lambda c: score(scores[c]))
+        result["methods"][method] = {"row": row, "winner": winner, "flags": candidates(method, plan)[winner],
                                      "candidates": {c: {"best_cfg": m["best_cfg"], "FID-cls": m["FID-cls"],
                                                         "by_cfg": {str(s): f["FID-cls"] for s, f in m["cfg"].items()}}
                                                     for c, m in scores.items()}}
@@ -153,12 +192,14 @@ def tune(args, tokenizer, splits):
             md.append(f"| {row} | {cand} | {by} | {m['FID-cls']:.2f} at {m['best_cfg']:g} | {'**winner**' if cand == winner else ''} |")
     head = ("| row | setting | " + " | ".join(f"FID-cls at CFG {s:g}" for s in args.eval_cfg) +
             " | best | |\n|---|---|" + "---:|" * len(args.eval_cfg) + "---|---|")
+    start = f"the same stage-1 KD (seed {seed})" if plan["start"] == "kd" else "the no-KD student"
     text = (f"# Tuning on the validation seed {seed} (never reported)\n\n{head}\n" + "\n".join(md) +
-            f"\n\nEach row's method from the same stage-1 KD (seed {seed}), {args.study_iters} steps; the rule, fixed "
+            f"\n\nEach row's method from {start}, {args.study_iters} steps; the rule, fixed "
             f"before the runs: {result['rule']} ({args.eval_samples} samples per scale, sampling seed {seed}). "
             f"Readings: prefix-kd = teacher-forced KD on a rollout's real prefix U[0.25, 0.75]; prefix0 = nothing on "
-            f"the prefix, which is U[0, 0.75].\n")
-    out = Path(args.out_dir) / "study"
+            f"the prefix, which is U[0, 0.75]; S: the teacher's guidance in the target (--teacher-cfg); lam: CCA's "
+            f"lambda.\n")
+    out = study_dir(args)
     atomic_write(out / "tuning.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     atomic_write(out / "tuning.md", lambda tmp: Path(tmp).write_text(text))
     print("\n" + text)
@@ -172,7 +213,7 @@ def run(args, tokenizer, splits, seeds):
     student = stage1(args, seeds[0], "").init
     for parent in runs.pipeline(runs.get_args([], **args.shared, method="kd", init=student))[:-1]:
         train(parent, tokenizer, splits, role=runs.ROLES["teacher" if parent.out == args.teacher else parent.method])
-    winners = dict(UNTUNED) if args.no_tune else tune(args, tokenizer, splits)
+    winners = dict(UNTUNED) if args.no_tune else args.winners or tune(args, tokenizer, splits)
     if world > 1:  # rank 0 measured the tuning: every rank trains the winners
         shared = [winners]
         torch.distributed.broadcast_object_list(shared, 0)
@@ -180,6 +221,11 @@ def run(args, tokenizer, splits, seeds):
     lines = {}  # (name, seed) -> the table line of that model
     for seed in seeds:
         seed_runs = study_runs(args, seed, winners)
+        kept = kept_lines(args, seed, winners, seed_runs)
+        if kept is not None:  # measured before, its checkpoints elsewhere: the figures stand for them
+            print(f"\n== study, seed {seed}: the figures of {kept[0]}, measured with these settings ==")
+            lines.update({(name, seed): line for name, line in kept[1].items()})
+            continue
         for name, r in seed_runs:
             print(f"\n== study, seed {seed}: {name} ==")
             train(r, tokenizer, splits)
@@ -193,11 +239,15 @@ def run(args, tokenizer, splits, seeds):
         seed_runs = [("ce", argparse.Namespace(out=student))] + seed_runs
         spec = speculative(args, tokenizer, seed_runs, seed)
         lines.update({(name, seed): {**measured[r.out], **spec.get(name, {})} for name, r in seed_runs})
+        path = study_dir(args) / f"seed{seed}" / "lines.json"
+        saved = {"settings": seed_settings(args, seed, winners),
+                 "lines": {name: line for (name, s), line in lines.items() if s == seed}}
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(saved, indent=1)))
     if rank > 0:
         return None
     results = summarise(lines, seeds, args, winners)
     results["wall_time_this_call"] = time.time() - t0
-    out = Path(args.out_dir) / "study"
+    out = study_dir(args)
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
     markdown = results_markdown(results)
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(markdown))
@@ -206,17 +256,55 @@ def run(args, tokenizer, splits, seeds):
              out / "fid_vs_cfg.png", {n: {float(s): m["std"] for s, m in r["fid_by_cfg"].items()} for n, r in rows.items()},
              title=f"FID-cls against CFG, mean and std over seeds {','.join(map(str, seeds))}")
     first = study_runs(args, seeds[0], winners)  # the comparison image: the first seed's models
-    compare_image([args.teacher, student] + [r.out for _, r in first], ["teacher", "ce"] + [n for n, _ in first], tokenizer,
-                  out / "compare.png", SPEC_CFG, args.device)
+    if all(Path(r.out).exists() for _, r in first):
+        compare_image([args.teacher, student] + [r.out for _, r in first], ["teacher", "ce"] + [n for n, _ in first], tokenizer,
+                      out / "compare.png", SPEC_CFG, args.device)
     print("\n" + markdown + f"\nwrote {out}/results.md, results.json, fid_vs_cfg.png, compare.png")
     return results
+
+
+def seed_settings(args, seed, winners):
+    """What a seed's figures depend on besides the code: lines.json is reused only with the same."""
+    return {"seed": seed, "plan": args.plan["dir"], "grid": args.grid, "rows": args.rows, "winners": winners, "kd_iters": args.kd_iters,
+            "study_iters": args.study_iters, "eval_samples": args.eval_samples, "eval_cfg": args.eval_cfg,
+            "teacher": args.teacher}
+
+
+def kept_lines(args, seed, winners, seed_runs):
+    """A seed measured on another machine or in an earlier checkout: out/study/seed<s>/lines.json (its
+    table lines, written once the seed is measured) stands for its checkpoints when all of them are
+    absent and it was measured with the same settings (one lost checkpoint is trained again).
+    Returns (path, {name: line}) or None (train and measure)."""
+    path = study_dir(args) / f"seed{seed}" / "lines.json"
+    if not path.exists() or any(Path(r.out).exists() for _, r in seed_runs):
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("settings") != json.loads(json.dumps(seed_settings(args, seed, winners))):
+        raise SystemExit(f"{path} was measured with other settings ({saved.get('settings')}) and its checkpoints are "
+                         f"gone: delete it to train seed {seed} again, or pass the settings it names")
+    for line in saved["lines"].values():
+        line["cfg"] = {float(s): f for s, f in line.get("cfg", {}).items()}
+    return path, saved["lines"]
+
+
+def winner_list(text, plan):
+    """--winners: method=candidate pairs from an earlier tuning (tuning.md names them), e.g.
+    kd=lr1e-3,onpolicy=lr3e-4_prefix-kd: ({method: flags}, None), or (None, the problem)."""
+    winners = {}
+    for pair in text.split(","):
+        method, _, cand = pair.partition("=")
+        if method not in plan["tuned"] or cand not in candidates(method, plan):
+            grids = "; ".join(f"{m}: {', '.join(candidates(m, plan))}" for m in plan["tuned"])
+            return None, f"--winners {pair!r}: give method=setting pairs from the tuning's grid ({grids})"
+        winners[method] = candidates(method, plan)[cand]
+    return winners, None
 
 
 def speculative(args, tokenizer, seed_runs, seed, gamma=4):
     """The DRAFTS of a seed drafting for the teacher: acceptance, codes per teacher call, speed-up and
     draft cost at one image per call, on eval_samples / 100 images (at least one per class). Kept in
     seed<s>/speculative.json and measured again only for a checkpoint (or teacher) that changed."""
-    path = Path(args.out_dir) / "study" / f"seed{seed}" / "speculative.json"
+    path = study_dir(args) / f"seed{seed}" / "speculative.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
     drafts = [(name, r) for name, r in seed_runs if name in DRAFTS]
     stamp = {name: [os.stat(r.out).st_mtime_ns, os.stat(args.teacher).st_mtime_ns] for name, r in drafts}
@@ -243,12 +331,13 @@ def mean_std(values):
 def summarise(lines, seeds, args, winners):
     """Per row: FID-cls at every scale of the grid (mean +- std over seeds), its best scale (lowest
     mean), every figure at that scale; gap closure per seed against that seed's no-KD student and
-    teacher, each at its own best scale; whether the row's FID-cls beats kd continued (same number
-    of steps) by more than the larger of the two spreads; the KL to the teacher and the NLL per grid
-    row beside its starting point's (stage 2 from kd, kd from ce)."""
-    info = {"teacher": ("teacher", None, "ce", [])} | {n: (what, fid, "ce" if n == "ce" else "kd", [])
-                                                       for n, what, fid in STAGE1}
-    info |= {n: (what, fid, method, [*winners.get(method, []), *flags]) for n, method, flags, what, fid in ROWS
+    teacher, each at its own best scale; whether the row's FID-cls beats the plan's control (kd
+    continued, or ce continued: the same number of steps) by more than the larger of the two spreads;
+    the KL to the teacher and the NLL per grid row beside its starting point's."""
+    plan = args.plan
+    parents = [(n, what, fid) for n, what, fid in STAGE1 if n == "ce" or plan["start"] == "kd"]
+    info = {"teacher": ("teacher", None, "ce", [])} | {n: (what, fid, n, []) for n, what, fid in parents}
+    info |= {n: (what, fid, method, [*winners.get(method, []), *flags]) for n, method, flags, what, fid in plan["rows"]
              if n in args.rows}
     rows = []
     for name, (what, paper, method, flags) in info.items():
@@ -264,6 +353,9 @@ def summarise(lines, seeds, args, winners):
             values = [line.get(key, 0.0 if key == "teacher_seqs" else None) for line in source]
             if None not in values:
                 row[key] = mean_std(values)
+        if args.eval_samples > 0 and 1.0 in args.eval_cfg:  # the guidance-free sampler's cost
+            row["cost_cfg1"] = {k: mean_std([f[k] for f in at(1.0)]) for k in ("img_s_64", "img_s_1")
+                                if all(k in f for f in at(1.0))}
         for key in ("test_kl_rows", "test_nll_rows"):
             if all(key in lines[(name, s)] for s in seeds):
                 row[key] = np.mean([lines[(name, s)][key] for s in seeds], 0).tolist()
@@ -271,21 +363,23 @@ def summarise(lines, seeds, args, winners):
     by_name = {r["name"]: r for r in rows}
     if "best_cfg" in by_name["ce"]:
         best = lambda n, s: lines[(n, s)]["cfg"][by_name[n]["best_cfg"]]["FID-cls"]
-        for r in rows[2:]:
+        for r in rows[2:]:  # after the teacher and the no-KD student
             r["gap_closure"] = mean_std([(best("ce", s) - best(r["name"], s)) / (best("ce", s) - best("teacher", s))
                                          for s in seeds])
-    if "FID-cls" in by_name.get("kd_cont", {}):
-        base = by_name["kd_cont"]["FID-cls"]
-        for r in rows[3:]:
-            if r["name"] != "kd_cont":
+    if "FID-cls" in by_name.get(plan["control"], {}):
+        base = by_name[plan["control"]]["FID-cls"]
+        for r in rows[1 + len(parents):]:
+            if r["name"] != plan["control"]:
                 m = r["FID-cls"]
-                r["beats_kd_cont"] = base["mean"] - m["mean"] > max(base["std"], m["std"])
-    rows_flag = "" if len(args.rows) == len(ROWS) else f" --rows {','.join(args.rows)}"
+                r["beats_control"] = base["mean"] - m["mean"] > max(base["std"], m["std"])
+    rows_flag = "" if len(args.rows) == len(plan["rows"]) else f" --rows {','.join(args.rows)}"
+    rows_flag = (" --guidance-free" if plan["dir"] == "study_gf" else "") + rows_flag
     grid_flag = "" if args.grid == 7 else f" --grid {args.grid}"
     return {"command": f"python study.py{grid_flag} --seeds {','.join(map(str, args.seeds))} --kd-iters {args.kd_iters} "
                        f"--study-iters {args.study_iters}{' --no-tune' if args.no_tune else ''}{rows_flag}",
             "ce_iters": lines[("ce", seeds[0])]["steps"], "kd_iters": args.kd_iters, "study_iters": args.study_iters,
             "eval_samples": args.eval_samples, "eval_cfg": args.eval_cfg, "winners": winners, "rows": rows,
+            "start": plan["start"], "control": plan["control"],
             "wall_time_training": sum(line.get("wall_time", 0.0) for line in lines.values()),
             "wall_time_evaluation": sum(f.get("eval_time", 0.0) for line in lines.values()
                                         for f in line.get("cfg", {}).values())}
@@ -297,10 +391,11 @@ def results_markdown(results):
         return text + (f" ± {m['std'] * scale:.{digits}f}" if len(m["values"]) > 1 else "")
     rows, scales = results["rows"], results["eval_cfg"]
     label = lambda r: r["name"] if r["what"] == r["name"] else f"{r['name']} ({r['what']})"
-    head = ["model", "steps", "paper FID", "best CFG"] + [label for _, label, _ in FIGURES] + ["gap closed", "beats kd_cont"]
+    control = results["control"]
+    head = ["model", "steps", "paper FID", "best CFG"] + [label for _, label, _ in FIGURES] + ["gap closed", f"beats {control}"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        beats = {True: "yes", False: "no"}.get(r.get("beats_kd_cont"), "")
+        beats = {True: "yes", False: "no"}.get(r.get("beats_control"), "")
         paper = "" if r["paper_fid"] is None else f"{r['paper_fid']:.2f}"
         cells = [label(r), str(r["steps"]), paper, f"{r['best_cfg']:g}" if "best_cfg" in r else "-"]
         cells += [cell(r[key], d, {"wall_time": 1 / 60, "teacher_seqs": 1e-3}.get(key, 1)) if key in r else "-"
@@ -308,27 +403,40 @@ def results_markdown(results):
         out.append("| " + " | ".join(cells + [cell(r["gap_closure"], 2) if "gap_closure" in r else "-", beats]) + " |")
     n = len(rows[0]["seeds"])
     tuned = "; ".join(f"{m}: {' '.join(f)}" for m, f in results["winners"].items()) or "none (--no-tune: the defaults)"
+    start = (f"stage 1: {results['kd_iters']} steps of kd from it; every other student starts from kd"
+             if results["start"] == "kd" else "every other student starts from it")
     out.append(f"\nMean ± std over {n} seed{'s' * (n > 1)} ({', '.join(map(str, rows[0]['seeds']))}), each model at its "
                f"best guidance scale of {', '.join(f'{s:g}' for s in scales)} (the lowest mean FID-cls). The no-KD student "
-               f"(ce, one for every seed): {results['ce_iters']} steps; stage 1: {results['kd_iters']} steps of kd from "
-               f"it; every other student starts from kd and trains {results['study_iters']} more steps, with its "
-               f"method's tuned setting ({tuned}). The -cls figures: {results['eval_samples']} samples per scale "
+               f"(ce, one for every seed): {results['ce_iters']} steps; {start} and trains {results['study_iters']} "
+               f"more steps, with its method's tuned setting ({tuned}). The -cls figures: {results['eval_samples']} samples per scale "
                f"against the test split (the teacher is sampled once per seed); NLL and KL(teacher || model) in nats "
                f"per code on the test split; teacher seqs: sequences the teacher scored or sampled, in thousands (a "
                f"CFG sample counts twice); gap closed = (FID_ce - FID_m) / (FID_ce - FID_teacher) per seed, each at its "
-               f"best scale; beats kd_cont: mean FID-cls lower than kd continued by more than the larger std. Paper "
+               f"best scale; beats {control}: mean FID-cls lower than {control} by more than the larger std; img/s: "
+               f"images sampled per second at 64 and at 1 per call (guidance doubles each call). Paper "
                f"FID: ImageNet 256, LlamaGen-L -> B, Inception features.")
     if scales and "fid_by_cfg" in rows[0] and rows[0]["fid_by_cfg"]:
         out += ["", "| model | " + " | ".join(f"FID-cls at CFG {s:g}" for s in scales) + " |", "|---|" + "---:|" * len(scales)]
         for r in rows:
             out.append(f"| {r['name']} | " + " | ".join(cell(r["fid_by_cfg"][str(s)], 2) for s in scales) + " |")
-    start = {"kd": "ce", "ce": None, "teacher": None}
+    if "1.0" in rows[0]["fid_by_cfg"] and any("img_s_64" in r for r in rows):  # the sampling cost beside the quality
+        out += ["", "| model | FID-cls at CFG 1 | img/s 64 | img/s 1 | best CFG | FID-cls at best | img/s 64 | img/s 1 |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            one, best = r.get("cost_cfg1", {}), r
+            out.append(f"| {r['name']} | {cell(r['fid_by_cfg']['1.0'], 2)} | " + " | ".join(
+                cell(one[k], d) if k in one else "-" for k, d in (("img_s_64", 0), ("img_s_1", 1))) +
+                f" | {r['best_cfg']:g} | {cell(best['FID-cls'], 2)} | " + " | ".join(
+                cell(best[k], d) if k in best else "-" for k, d in (("img_s_64", 0), ("img_s_1", 1))) + " |")
+        out.append("\nThe sampling cost: each model without guidance (one pass per code) and at its best scale "
+                   "(two passes when guided); img/s measured on the study's machine, one process, one decode mode.")
+    start = {"kd": "ce", "ce": None, "teacher": None}  # the rest start from results["start"]
     by_name = {r["name"]: r for r in rows}
     if "test_kl_rows" in rows[0]:
         grid = len(rows[0]["test_kl_rows"])
         out += ["", "| model (from) | " + " | ".join(f"row {i}" for i in range(grid)) + " |", "|---|" + "---:|" * grid]
         for r in rows:
-            origin = by_name.get(start.get(r["name"], "kd"))
+            origin = by_name.get(start.get(r["name"], results["start"]))
             if origin is None or "test_kl_rows" not in r:
                 out.append(f"| {r['name']} | " + " | ".join(f"{v:.3f}" for v in r.get("test_kl_rows", [])) + " |")
                 continue
@@ -374,24 +482,39 @@ def compare_image(paths, names, tokenizer, path, cfg_scale, device, per_class=2,
 
 
 def main(argv=None):
-    p = runs.parser(__doc__)
+    p = runs.parser(__doc__, eval_cfg="1,1.5,2,3")  # the study's guidance grid, fixed before its runs
     p.add_argument("--seeds", type=int_list, default="0,1,2", help="comma-separated seeds >= 0, one set of runs "
                    "each (default: 0,1,2)")
     p.add_argument("--kd-iters", type=positive_int, default=400, help="stage-1 KD steps from the no-KD student, "
                    ">= 1 (default: 400)")
     p.add_argument("--study-iters", type=positive_int, default=400, help="stage-2 steps of every row from the "
                    "stage-1 KD checkpoint, >= 1 (default: 400)")
-    p.add_argument("--rows", type=row_list, default=[name for name, *_ in ROWS], help="comma-separated rows to run "
-                   "after stage 1, e.g. kd_cont,varkd for a quick look at a long horizon (default: all: "
-                   f"{','.join(name for name, *_ in ROWS)})")
+    p.add_argument("--guidance-free", action="store_true", help="the guidance-free study instead: every method "
+                   "taught the guided teacher (--teacher-cfg tuned), CCA beside them, from the no-KD student, tuned "
+                   "at CFG 1, under <out-dir>/study_gf/ (default: the paper's study)")
+    p.add_argument("--rows", help="comma-separated rows to run, e.g. kd_cont,varkd for a quick look at a long horizon "
+                   f"(default: all: {','.join(name for name, *_ in ROWS)}; with --guidance-free: "
+                   f"{','.join(name for name, *_ in GF_ROWS)})")
     p.add_argument("--tune-seed", type=count, default=100, help="the validation seed of the tuning, training and "
                    "sampling, never reported, >= 0 (default: 100)")
     p.add_argument("--no-tune", action="store_true", help="no tuning: every method with its defaults (a quick look)")
-    p.set_defaults(eval_cfg=[1.0, 1.5, 2.0, 3.0])  # the study's guidance grid, fixed before its runs
+    p.add_argument("--winners", help="no tuning: each method's setting chosen by an earlier one, "
+                   "method=setting pairs as its tuning.md names them, every tuned method of the rows (default: tune)")
     args = runs.get_args(argv, p)
+    args.plan = PLANS["guidance-free" if args.guidance_free else "paper"]
+    args.rows, problem = row_list(args.rows, args.plan["rows"]) if args.rows else ([n for n, *_ in args.plan["rows"]], None)
+    if args.winners and not problem:
+        args.winners, problem = winner_list(args.winners, args.plan)
+    if problem:
+        p.error(problem)
     if args.tune_seed in args.seeds and not args.no_tune:
         p.error(f"--seeds {','.join(map(str, args.seeds))} holds the validation seed {args.tune_seed}, which is never "
                 f"reported: pass other seeds, or another --tune-seed")
+    if args.winners is not None:
+        needed = {method for name, method, *_ in args.plan["rows"] if name in args.rows and method in args.plan["tuned"]}
+        if needed - set(args.winners):
+            p.error(f"--winners names no setting for {', '.join(sorted(needed - set(args.winners)))}: give every "
+                    f"tuned method of the rows, or drop --winners to tune")
     compile_decode(args.decode, torch.device(args.device).type)
     seeds = args.seeds
     rank, _ = runs.setup_ddp(args)

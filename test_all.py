@@ -6,12 +6,14 @@ Tests that train on Fashion-MNIST need the data (apt-get install dataset-fashion
 """
 import ast
 import contextlib
+import copy
 import functools
 import gzip
 import hashlib
 import itertools
 import http.server
 import json
+import math
 import os
 import shutil
 import signal
@@ -1039,6 +1041,72 @@ def test_prefix_kd_is_forward_kl_on_the_prefix_and_weighted_reverse_kl_on_the_re
     assert torch.allclose(loss, per.mean(), atol=1e-5)
 
 
+def test_the_guided_target_is_the_teachers_own_at_scale_1_and_what_the_guided_sampler_draws_from(monkeypatch):
+    teacher, student = tiny_model(1), tiny_model(0).train()
+    codes, labels = random_batch(student, B=6)
+    labels[0] = student.config.num_classes  # a dropped label
+    assert torch.equal(distill.teacher_target(teacher, codes, labels, 1.0), teacher(codes, labels))  # to the bit
+    # every method takes it: unchanged at S = 1, moved at S = 2
+    own = distill.teacher_target
+    for method in ("kd", "seqkd", "onpolicy", "varkd"):
+        losses = {}
+        for scale, target in [(1, own), (1, lambda t, c, l, s: t(c, l)), (2, own)]:
+            monkeypatch.setattr(distill, "teacher_target", target)
+            args = runs.get_args(["--method", method, "--lam", "1", "--teacher-cfg", str(scale)])
+            losses.setdefault(scale, []).append(distill.method_loss(args, student, student, teacher, codes, labels, None,
+                                                                     torch.Generator().manual_seed(0)))
+        assert torch.equal(*losses[1]) and not torch.allclose(losses[2][0], losses[1][0]), method
+    monkeypatch.setattr(distill, "teacher_target", own)
+    # S = 2: the logits generate() mixes and samples from, on the context it sampled
+    drawn = []
+    real_sample = sample.sample_logits
+    monkeypatch.setattr(sample, "sample_logits", lambda logits, *a, **k: drawn.append(logits) or real_sample(logits, *a, **k))
+    labels = torch.arange(5)
+    out = generate(teacher, labels, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+    target = distill.teacher_target(teacher, out, labels, 2.0)
+    assert torch.allclose(target, torch.stack(drawn, 1), atol=1e-4)
+    null = torch.full_like(labels, 5)  # a dropped label: the teacher's unconditional logits
+    assert torch.equal(distill.teacher_target(teacher, out, null, 2.0), teacher(out, null))
+    assert runs.get_args(["--method", "seqkd", "--teacher-cfg", "3"]).pool_cfg == 3  # SeqKD samples what it is taught
+    for method in ("ce", "cca"):
+        with pytest.raises(SystemExit):
+            runs.get_args(["--method", method, "--teacher-cfg", "2"])
+
+
+def test_cca_is_the_contrastive_loss_of_its_paper_and_separates_the_classes_it_trains_on():
+    gap, negative_gap = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([3.0, 1.0, -1.0])
+    unconditional = torch.tensor([False, False, True])
+    beta, lam = 0.5, 10.0
+    positive = -F.logsigmoid(beta * gap)
+    negative = torch.stack([-lam * F.logsigmoid(-beta * negative_gap[0]), -lam * F.logsigmoid(-beta * negative_gap[1]),
+                            -F.logsigmoid(beta * negative_gap[2])])  # a dropped label is a positive on both terms
+    assert torch.allclose(distill.cca_loss(gap, negative_gap, unconditional, beta, lam),
+                          (positive.mean() + negative.mean()) / lam)
+    # one step of the method: at the start the model is its reference, every log-ratio 0
+    model = tiny_model(0).train()
+    reference = copy.deepcopy(model).requires_grad_(False)
+    codes, labels = random_batch(model, B=8)
+    labels[:2] = model.config.num_classes
+    args = runs.get_args(["--method", "cca"])
+    g = lambda: torch.Generator().manual_seed(0)
+    loss = distill.method_loss(args, model, model, reference, codes, labels, None, g())
+    n_null = 2
+    expected = math.log(2) * (1 + (n_null + (8 - n_null) * args.cca_lambda) / 8) / args.cca_lambda
+    assert abs(loss.item() - expected) < 1e-5
+    # trained on a batch, the model prefers each image's own class over the others more than its reference
+    def margin(m):
+        own = distill.sequence_logp(m(codes, labels), codes)
+        others = torch.stack([distill.sequence_logp(m(codes, torch.full_like(labels, c)), codes) for c in range(5)])
+        return (own - others.logsumexp(0))[2:].mean().item()  # the rows with a real label
+    before = margin(reference)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for step in range(20):
+        opt.zero_grad()
+        distill.method_loss(args, model, model, reference, codes, labels, None, torch.Generator().manual_seed(step)).backward()
+        opt.step()
+    assert margin(model) > before + 1.0
+
+
 def test_entropy_weights_are_one_minus_normalised_entropy_and_truncate_after_first_low():
     V = 16
     confident, uniform = torch.full((V,), -20.0), torch.zeros(V)
@@ -1372,6 +1440,7 @@ def test_the_study_writes_its_results_and_resumes_without_redoing_finished_runs(
             "--eval-seqs", "50", "--eval-samples", "100", "--eval-cfg", "1,2", "--no-tune"]
     results = study.main(argv)
     runs = ["kd"] + [name for name, *_ in study.ROWS]  # per seed, from the one no-KD student out/ce/
+    drafts = [n for n in study.DRAFTS if n in ["ce"] + runs]
     ckpts = [tmp_path / "study" / f"seed{s}" / name / "ckpt.pt" for s in (0, 1) for name in runs]
     assert all(p.exists() for p in ckpts) and (tmp_path / "ce" / "ckpt.pt").exists()
     saved = json.loads((tmp_path / "study" / "results.json").read_text())
@@ -1380,7 +1449,7 @@ def test_the_study_writes_its_results_and_resumes_without_redoing_finished_runs(
     for row in saved["rows"]:
         for key, *_ in study.FIGURES:
             assert len(row[key]["values"]) == 2 and np.isclose(row[key]["mean"], np.mean(row[key]["values"])), key
-    for name in study.DRAFTS:  # each drafting for the teacher
+    for name in drafts:  # each drafting for the teacher
         row = rows[name]
         assert 0 < row["spec_acceptance"]["mean"] <= 1 and row["spec_speed_up"]["mean"] > 0, name
         assert 49 / 50 <= row["spec_codes_per_call"]["mean"] <= 49 / 10  # at worst 1 code per round, at best 5
@@ -1392,10 +1461,12 @@ def test_the_study_writes_its_results_and_resumes_without_redoing_finished_runs(
     assert rows["varkd"]["steps"] == 2 and rows["kd"]["steps"] == 3 and rows["teacher"]["steps"] == 10
     assert rows["ce"]["teacher_seqs"]["mean"] == 0 and rows["kd"]["teacher_seqs"]["mean"] == 3 * 16
     assert rows["seqkd"]["teacher_seqs"]["mean"] == 8192 + 2 * 16  # its pool, then its batches
-    assert "beats_kd_cont" in rows["varkd"] and "beats_kd_cont" not in rows["ce"]
+    assert "beats_control" in rows["varkd"] and "beats_control" not in rows["ce"]
     table = (tmp_path / "study" / "results.md").read_text().splitlines()
-    # header, teacher, rows: at the best scale, at every scale, the drift by grid row; then the drafts' header and rows
-    assert len([line for line in table if line.startswith("| ")]) == 3 * (1 + 2 + len(runs)) + (1 + len(study.DRAFTS))
+    # header, teacher, rows: at the best scale, at every scale, the sampling cost, the drift by grid row; then the
+    # drafts' header and rows
+    drafts = [n for n in study.DRAFTS if n in rows]
+    assert len([line for line in table if line.startswith("| ")]) == 4 * (1 + 2 + len(runs)) + (1 + len(drafts))
     assert f"| varkd (+ parallel rollouts = VarKD) | 2 | 4.58 | {rows['varkd']['best_cfg']:g} |" in "\n".join(table)
     for name in ("teacher", "varkd"):
         by_cfg = {float(s): m["mean"] for s, m in rows[name]["fid_by_cfg"].items()}
@@ -1420,7 +1491,7 @@ def test_the_study_writes_its_results_and_resumes_without_redoing_finished_runs(
     # a few rows (the long horizon's quick look): nothing trained again, only those rows reported
     few = study.main(argv + ["--rows", "varkd,kd_cont"])
     assert [r["name"] for r in few["rows"]] == ["teacher", "ce", "kd", "kd_cont", "varkd"]
-    assert few["command"].endswith("--rows kd_cont,varkd") and "beats_kd_cont" in few["rows"][-1]
+    assert few["command"].endswith("--rows kd_cont,varkd") and "beats_control" in few["rows"][-1]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
@@ -1447,11 +1518,57 @@ def test_the_study_tunes_each_method_on_the_validation_seed_and_trains_the_winne
 
 
 def test_study_rows_must_be_names_of_its_rows(capsys):
-    assert study.row_list("varkd, kd_cont") == ["kd_cont", "varkd"]  # in the table's order
+    assert study.row_list("varkd, kd_cont", study.ROWS) == (["kd_cont", "varkd"], None)  # in the table's order
     with pytest.raises(SystemExit):
         study.main(["--rows", "varkd,vark"])
-    err = capsys.readouterr().err
-    assert "unknown row(s) vark: give comma-separated names from kd_cont," in err
+    assert "unknown row(s) vark: give comma-separated names from kd_cont," in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        study.main(["--guidance-free", "--rows", "varkd"])  # a row of the other study
+    assert "unknown row(s) varkd: give comma-separated names from ce_cont, kd_gf," in capsys.readouterr().err
+    for winners, problem in [("kd=lr9", "'kd=lr9': give method=setting pairs"),
+                             ("kd=lr1e-3", "--winners names no setting for varkd")]:
+        with pytest.raises(SystemExit):
+            study.main(["--rows", "kd_cont,varkd", "--winners", winners])
+        assert problem in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_guidance_free_study_tunes_the_teachers_scale_at_cfg_1_and_its_seeds_stand_without_checkpoints(
+        small_tokenizer, tmp_path, capsys):
+    tok.save_tokenizer(small_tokenizer, tmp_path / "tokenizer.pt")
+    argv = ["--guidance-free", "--seeds", "0", "--rows", "kd_gf,cca", "--out-dir", str(tmp_path), "--tokenizer",
+            str(tmp_path / "tokenizer.pt"), "--size", "tiny", "--teacher-size", "tiny", "--teacher-iters", "10",
+            "--max-iters", "3", "--study-iters", "2", "--batch-size", "16", "--eval-seqs", "50",
+            "--eval-samples", "40", "--eval-cfg", "1,2"]
+    results = study.main(argv)
+    base = tmp_path / "study_gf"
+    tuning = json.loads((base / "tuning.json").read_text())
+    assert tuning["rule"] == "lowest FID-cls at CFG 1"
+    for method, grid in (("kd", {"lr3e-4_S2", "lr3e-4_S3", "lr1e-3_S2", "lr1e-3_S3"}),
+                         ("cca", {"lr3e-4_lam100", "lr3e-4_lam1000", "lr1e-3_lam100", "lr1e-3_lam1000"})):
+        tried = tuning["methods"][method]["candidates"]
+        assert set(tried) == grid and tuning["methods"][method]["winner"] == min(tried, key=lambda c: tried[c]["by_cfg"]["1.0"])
+    ce = torch.load(tmp_path / "ce" / "ckpt.pt", weights_only=True)
+    for name, method in (("kd_gf", "kd"), ("cca", "cca")):  # from the no-KD student, with the winner's setting
+        ckpt = torch.load(base / "seed0" / name / "ckpt.pt", weights_only=True)
+        assert ckpt["fingerprints"]["init"] == ce["fingerprint"] and ckpt["args"]["method"] == method
+    flags = tuning["methods"]["kd"]["flags"]
+    assert torch.load(base / "seed0" / "kd_gf" / "ckpt.pt", weights_only=True)["args"]["teacher_cfg"] == float(flags[-1])
+    rows = {r["name"]: r for r in results["rows"]}
+    assert list(rows) == ["teacher", "ce", "kd_gf", "cca"] and "kd" not in rows  # no stage 1 here
+    assert rows["cca"]["teacher_seqs"]["mean"] == 0 and rows["kd_gf"]["teacher_seqs"]["mean"] == 2 * 16 * 2  # twice per sequence
+    assert all(rows[n]["cost_cfg1"]["img_s_64"]["mean"] > 0 for n in rows)
+    assert "| model | FID-cls at CFG 1 | img/s 64 |" in (base / "results.md").read_text()
+    # the seed's checkpoints gone (another machine): its lines.json stands for them, with the same settings only
+    for name in ("kd_gf", "cca"):
+        (base / "seed0" / name / "ckpt.pt").unlink()
+    capsys.readouterr()
+    winners = ["--winners", ",".join(f"{m}={t['winner']}" for m, t in tuning["methods"].items())]
+    again = study.main(argv + winners)
+    assert "the figures of" in capsys.readouterr().out and not (base / "seed0" / "cca" / "ckpt.pt").exists()
+    assert [r["FID-cls"] for r in again["rows"]] == [r["FID-cls"] for r in results["rows"]]
+    with pytest.raises(SystemExit, match="lines.json was measured with other settings"):
+        study.main(argv + winners + ["--study-iters", "3"])
 
 
 @pytest.mark.slow
