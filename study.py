@@ -195,10 +195,10 @@ def tune(args, tokenizer, splits):
     start = f"the same stage-1 KD (seed {seed})" if plan["start"] == "kd" else "the no-KD student"
     text = (f"# Tuning on the validation seed {seed} (never reported)\n\n{head}\n" + "\n".join(md) +
             f"\n\nEach row's method from {start}, {args.study_iters} steps; the rule, fixed "
-            f"before the runs: {result['rule']} ({args.eval_samples} samples per scale, sampling seed {seed}). "
-            f"Readings: prefix-kd = teacher-forced KD on a rollout's real prefix U[0.25, 0.75]; prefix0 = nothing on "
-            f"the prefix, which is U[0, 0.75]; S: the teacher's guidance in the target (--teacher-cfg); lam: CCA's "
-            f"lambda.\n")
+            f"before the runs: {result['rule']} ({args.eval_samples} samples per scale, sampling seed {seed}). " +
+            ("Readings: prefix-kd = teacher-forced KD on a rollout's real prefix U[0.25, 0.75]; prefix0 = nothing on "
+             "the prefix, which is U[0, 0.75].\n" if plan["readings"] else
+             "S: the teacher's guidance in the target (--teacher-cfg); lam: CCA's lambda.\n"))
     out = study_dir(args)
     atomic_write(out / "tuning.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     atomic_write(out / "tuning.md", lambda tmp: Path(tmp).write_text(text))
