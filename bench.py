@@ -17,7 +17,6 @@ shared machines are noisy.
 """
 import argparse
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -36,21 +35,7 @@ import tokenizer as tok
 from checks import existing_device, positive_int, ranged
 from data import WEIGHTS
 from model import GPT, PRESETS, GPTConfig, autocast, compile_decode, load_checkpoint
-from sample import generate, speculative_speed
-
-
-def timed(fn, device, repeats):
-    fn()  # warm-up: allocations, caches, compilation
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from sample import generate, speculative_speed, timed
 
 
 def main():

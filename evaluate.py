@@ -36,8 +36,8 @@ from classifier import as_input, load_classifier
 from checks import check_output, count, existing_device, output_lock, positive_int, ranged, read_checkpoint, scale_list
 from data import WEIGHTS, atomic_write, beside, fingerprint, load_fashion_mnist, load_image_folder, save_grid
 from inception import InceptionV3, load_inception  # noqa: F401 (re-exported: evaluate.InceptionV3, evaluate.load_inception)
-from model import add_decode_flag, compile_decode, load_checkpoint
-from sample import generate, images_per_second
+from model import GPTConfig, add_decode_flag, compile_decode, load_checkpoint
+from sample import generate, sampling_speed
 from tokenizer import load_tokenizer
 
 
@@ -395,11 +395,7 @@ def report(path, ckpt, tokenizer, test_codes, test_labels, teacher, teacher_fp, 
             order = np.argsort(labels[:10 * model.config.num_classes], kind="stable")  # labels cycle the classes
             save_grid(images[order].reshape(model.config.num_classes, 10, *images.shape[1:]), samples)
             save_metrics(at, key, figures)
-        figures = {k: v for k, v in figures.items() if k != "key"}
-        if any(f"img_s_{b}" not in figures for b in SPEED_BATCHES):  # the sampling cost, beside the quality
-            figures.update({f"img_s_{b}": images_per_second(model, scale, b) for b in SPEED_BATCHES})
-            save_metrics(at, key, figures)
-        line["cfg"][scale] = figures
+        line["cfg"][scale] = {k: v for k, v in figures.items() if k != "key" and not k.startswith("img_s")}
     if line["cfg"]:  # each model at its own best scale: one fixed scale is another point of each curve
         best = min(line["cfg"], key=lambda s: line["cfg"][s]["FID-cls"])
         line.update(best_cfg=best, **line["cfg"][best])
@@ -421,14 +417,25 @@ def table(paths, tokenizer, test_codes, test_labels, args):
     cols = ("FID-cls", "KID-cls", "precision-cls", "recall-cls", "IS-cls", "class_acc-cls", "img_s_64", "img_s_1")
     print(f"\n{'model':<22} {'params':>7} {'steps':>5} {'NLL':>6} {'KL(T|m)':>7} {'train':>6} {'CFG':>4} {'FID-cls':>7} "
           f"{'KID-cls':>7} {'prec':>5} {'recall':>6} {'IS-cls':>6} {'acc':>5} {'img/s64':>7} {'img/s1':>6}  samples")
-    lines = {}
+    lines, configs = {}, {}
     for path in dict.fromkeys(str(p) for p in paths):
         if not Path(path).exists():
             continue
         ckpt = read_checkpoint(path)
         if "metrics" not in ckpt or ckpt["step"] != ckpt["args"]["max_iters"]:
             continue  # unfinished, or not trained here (a LlamaGen teacher: no figures recorded)
-        m = lines[path] = report(path, ckpt, tokenizer, test_codes, test_labels, teacher, teacher_fp, args)
+        lines[path] = report(path, ckpt, tokenizer, test_codes, test_labels, teacher, teacher_fp, args)
+        configs[path] = GPTConfig(**ckpt["config"])
+    # the sampling cost beside the quality: measured here, on this machine, never kept (another
+    # machine's figure would be read as this one's), once per architecture for every model of it
+    scales = [s for m in lines.values() for s in m["cfg"]]
+    speed = sampling_speed(configs, sorted(set(scales)), SPEED_BATCHES, device) if scales else {}
+    for path, m in lines.items():
+        for scale, f in m["cfg"].items():
+            f.update({f"img_s_{b}": speed[path, scale, b] for b in SPEED_BATCHES})
+        if "best_cfg" in m:
+            m.update(m["cfg"][m["best_cfg"]])
+    for path, m in lines.items():
         kl = f"{m['test_kl']:.4f}" if "test_kl" in m else "-"
         head = f"{path:<22} {m['params'] / 1e6:>6.2f}M {m['steps']:>5} {m['test_nll']:>6.3f} {kl:>7} {m['wall_time'] / 60:>5.1f}m"
         for i, (scale, f) in enumerate(m["cfg"].items() or [(None, {})]):

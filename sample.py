@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from checks import check_output, count, existing_device, fraction, int_list, non_negative, output_lock, positive_int, ranged
 from data import WEIGHTS, atomic_write, beside, save_grid
-from model import PRESETS, add_decode_flag, autocast, compile_decode, load_checkpoint
+from model import GPT, PRESETS, add_decode_flag, autocast, compile_decode, load_checkpoint
 from tokenizer import load_tokenizer
 
 
@@ -98,24 +98,57 @@ def generate(model, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, 
     return codes
 
 
-@torch.no_grad()
-def images_per_second(model, cfg_scale=1.0, batch_size=64, min_seconds=1.0, seed=0):
-    """generate()'s throughput on this machine: images per second at batch_size images per call
-    (guidance doubles each call's rows: the cost a guidance-free model saves), after a warm-up call,
-    over whole calls lasting at least min_seconds. A table times each of its models this way, in one
-    process and one decode mode: compare the figures as ratios within it."""
-    device = next(model.parameters()).device
-    labels = torch.arange(batch_size, device=device) % model.config.num_classes
-    g = torch.Generator(device).manual_seed(seed)
-    generate(model, labels, cfg_scale, generator=g)  # warm-up: allocations, caches, compilation
-    n, t0 = 0, time.perf_counter()
-    while True:
-        generate(model, labels, cfg_scale, generator=g)
+def timed(fn, device, repeats=5, warm_up=True):
+    """Median wall seconds of fn() over `repeats` calls, after a warm-up call (allocations, caches,
+    compilation); CUDA work is waited for. The one clock of bench.py and of every images/s figure."""
+    if warm_up:
+        fn()
+    times = []
+    for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        n += batch_size
-        if time.perf_counter() - t0 >= min_seconds:
-            return n / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def sampling_speed(configs, cfg_scales, batch_sizes=(64, 1), device="cpu", rounds=5, min_seconds=0.2):
+    """generate()'s images per second on this machine, {(config name, scale, batch size): img/s} for
+    configs {name: GPTConfig}. The speed is the architecture's: weights do not change the work of a
+    fixed-length decode, and guidance doubles every call's rows at any scale other than 1, so one
+    random-weight model per architecture is timed, unguided and guided, and the figure shared by
+    every model and scale it stands for. The timings are interleaved (rounds of one timing of each,
+    the median kept), so a machine that slows down during the table slows every figure alike;
+    compare them as ratios within one table."""
+    device = torch.device(device)
+    archs = {}  # one model per architecture: the names it stands for
+    for name, config in configs.items():
+        archs.setdefault(repr(config), (config, []))[1].append(name)
+    torch.manual_seed(0)
+    jobs = {}
+    for key, (config, _) in archs.items():
+        model = GPT(config).to(device).eval()
+        for guided in sorted({s != 1 for s in cfg_scales}):
+            for b in batch_sizes:
+                labels = torch.arange(b, device=device) % config.num_classes
+                g = torch.Generator(device).manual_seed(0)
+                call = lambda m=model, y=labels, s=2.0 if guided else 1.0, g=g: generate(m, y, s, generator=g)  # noqa: E731
+                once = timed(call, device, 1)  # calls per timing: enough to outlast the clock's noise
+                jobs[key, guided, b] = (call, max(1, round(min_seconds / max(once, 1e-6))), [])
+    for _ in range(rounds):
+        for call, calls, times in jobs.values():
+            times.append(timed(lambda: [call() for _ in range(calls)], device, 1, warm_up=False) / calls)
+    speed = {}
+    for (key, guided, b), (_, _, times) in jobs.items():
+        for name in archs[key][1]:
+            for s in cfg_scales:
+                if (s != 1) == guided:
+                    speed[name, s, b] = b / sorted(times)[len(times) // 2]
+    return speed
 
 
 # ------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import runs
-from checks import count, int_list, positive_int, scale_list
+from checks import count, int_list, positive_int
 from data import CLASSES, atomic_write
 from distill import train
 from evaluate import cfg_plot, draw, table

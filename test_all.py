@@ -347,6 +347,32 @@ def test_tokenizer_round_trip_reconstructs_and_re_encodes_to_the_same_codes(smal
     assert same > 0.4  # chance is 1/256; a 60-step tokenizer re-encodes about half the codes
 
 
+def test_a_killed_tokenizer_run_continues_to_the_weights_of_one_that_never_stopped(tmp_path, monkeypatch):
+    images = data.load_fashion_mnist("train")[0][:2000]
+    def fresh():
+        torch.manual_seed(0)
+        return tok.VQModel(tok.VQConfig())
+    whole = fresh()
+    tok.train(whole, images, steps=12, batch_size=16, reseed_every=4)
+    state = tmp_path / "run.partial.pt"
+    class DiesAtStep8(tok.tqdm):  # the kill, before step 8: the partial run holds step 5
+        def __iter__(self):
+            for step in super().__iter__():
+                if step == 8:
+                    raise KeyboardInterrupt
+                yield step
+    monkeypatch.setattr(tok, "tqdm", DiesAtStep8)
+    with pytest.raises(KeyboardInterrupt):
+        tok.train(fresh(), images, steps=12, batch_size=16, reseed_every=4, state=state, save_every=5)
+    monkeypatch.undo()
+    assert torch.load(state, weights_only=True)["step"] == 5
+    continued = fresh()
+    assert tok.train(continued, images, steps=12, batch_size=16, reseed_every=4, state=state, save_every=5) > 0
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), continued.state_dict().values()))
+    with pytest.raises(SystemExit, match="a partial run with other settings"):  # another run's partial: refused
+        tok.train(fresh(), images, steps=12, batch_size=16, lr=1e-3, reseed_every=4, state=state, save_every=5)
+
+
 @pytest.fixture(scope="module")
 def small_tokenizer14():
     """The --grid 14 architecture (one downsampling fewer) after 60 steps on real Fashion-MNIST."""
@@ -571,6 +597,19 @@ def test_generate_restores_training_mode():
     model = tiny_model().train()
     generate(model, torch.tensor([0]))
     assert model.training
+
+
+def test_sampling_speed_times_each_architecture_once_and_every_guided_scale_alike(monkeypatch):
+    small = GPTConfig(**{**PRESETS["tiny"], "vocab_size": 64, "num_classes": 5, "grid_size": 4})
+    wide = GPTConfig(**{**asdict(small), "dim": 64})
+    built, real = [], sample.GPT
+    monkeypatch.setattr(sample, "GPT", lambda config: built.append(config) or real(config))
+    speed = sample.sampling_speed({"a": small, "b": small, "c": wide}, [1.0, 2.0, 3.0], (4, 1), rounds=3, min_seconds=0.01)
+    assert built == [small, wide]  # one model per architecture
+    assert set(speed) == {(n, s, b) for n in "abc" for s in (1.0, 2.0, 3.0) for b in (4, 1)}
+    for s, b in itertools.product((1.0, 2.0, 3.0), (4, 1)):
+        assert speed["a", s, b] == speed["b", s, b] > 0  # one architecture, one figure
+    assert all(speed[n, 2.0, b] == speed[n, 3.0, b] != speed[n, 1.0, b] for n in "abc" for b in (4, 1))
 
 
 def test_cfg_scale_one_matches_plain_conditional_sampling():

@@ -12,6 +12,7 @@ attention at the lowest resolution; an L2-normalised codebook), two sizes:
     python tokenizer.py                  # trains out/tokenizer.pt as the shipped one, writes out/tokenizer_recon.png
     python tokenizer.py --steps 200      # a quick one
     python tokenizer.py --grid 14        # 14x14 codes: out/grid14/tokenizer.pt, where distill.py --grid 14 looks
+                                         # (about an hour; killed, the same command continues it)
 
 Codes are the AR models' vocabulary: `encode(images) -> codes (B, h, w)`, `decode(codes) -> images`
 (uint8 (B, H, W, C) at the API, [-1, 1] inside). `codebook_groups(k)` partitions the codebook by
@@ -21,6 +22,7 @@ import argparse
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -307,13 +309,29 @@ def evaluate(model, images, batch_size=500):
     return mse, 10 * math.log10(1 / mse), used.float().mean().item()
 
 
-def train(model, images, steps, batch_size=128, lr=2e-3, seed=0, reseed_every=100, log=print):
+def train(model, images, steps, batch_size=128, lr=2e-3, seed=0, reseed_every=100, state=None, save_every=500):
     """Adam on MSE + VQ losses with warm-up and cosine decay; codes unused in the last 65536
-    latents are re-seeded to random encoder outputs (no codebook collapse)."""
+    latents are re-seeded to random encoder outputs (no codebook collapse). With `state` (a path), the
+    run is saved there every save_every steps and continued from it when it exists: a killed run
+    started again ends with the weights of one that never stopped (the 14x14 tokenizer is an hour).
+    Trains `model` in place; returns the seconds it trained, every stretch of a continued run counted."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    settings = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, reseed_every=reseed_every,
+                    config=asdict(model.cfg), data=fingerprint(images))
+    start, before, t0 = 0, 0.0, time.time()
+    if state is not None and Path(state).exists():
+        saved = read_checkpoint(state, "partial tokenizer run", f"delete {state} to start over")
+        if saved.get("settings") != settings:
+            raise SystemExit(f"{state} is a partial run with other settings ({saved.get('settings')}): run the "
+                             f"command that started it to continue it, or delete it to start over")
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        g.set_state(saved["rng"])
+        start, before = saved["step"], saved["seconds"]
+        print(f"continuing {state} from step {start} of {steps}")
     model.train()
-    bar = tqdm(range(steps), desc="tokenizer")
+    bar = tqdm(range(start, steps), desc="tokenizer", initial=start, total=steps)
     for step in bar:
         frac = step / max(1, steps)
         for group in opt.param_groups:
@@ -323,8 +341,8 @@ def train(model, images, steps, batch_size=128, lr=2e-3, seed=0, reseed_every=10
         recon, codes, vq_loss = model(x)
         loss = F.mse_loss(recon, x) + vq_loss
         if not torch.isfinite(loss):
-            raise SystemExit(f"the tokenizer's loss is {loss.item()} at step {step}: training diverged and nothing "
-                             f"is saved; lower --lr")
+            raise SystemExit(f"the tokenizer's loss is {loss.item()} at step {step}: training diverged and no "
+                             f"tokenizer is written; lower --lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -343,12 +361,22 @@ def train(model, images, steps, batch_size=128, lr=2e-3, seed=0, reseed_every=10
         if step % 10 == 0:
             n_used = len(used[used >= 0].unique())
             bar.set_postfix(loss=f"{loss.item():.4f}", codes_used=f"{n_used}/{model.cfg.codebook_size}")
-    return model.eval()
+        if state is not None and (step + 1) % save_every == 0 and step + 1 < steps:
+            run = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": g.get_state(),
+                   "step": step + 1, "settings": settings, "seconds": before + time.time() - t0}
+            atomic_write(state, lambda tmp: torch.save(run, tmp))
+    model.eval()
+    return before + time.time() - t0
+
+
+def partial_path(path):
+    return str(path).rsplit(".", 1)[0] + ".partial.pt"
 
 
 def build(path, data_dir="data", steps=12000, batch_size=128, lr=2e-3, codebook_size=256, seed=0, grid=7):
     """Trains the default tokenizer on Fashion-MNIST (grid 7 or 14 codes per side), saves it to
-    `path` with its test figures and writes <path>_recon.png (originals above reconstructions)."""
+    `path` with its test figures and writes <path>_recon.png (originals above reconstructions).
+    Until then the run is kept in <path>.partial.pt, so the same call after a kill continues it."""
     torch.manual_seed(seed)
     train_images, _ = load_fashion_mnist("train", data_dir)
     test_images, _ = load_fashion_mnist("test", data_dir)
@@ -356,14 +384,14 @@ def build(path, data_dir="data", steps=12000, batch_size=128, lr=2e-3, codebook_
     n_params = sum(p.numel() for p in model.parameters())
     print(f"training a {n_params / 1e6:.2f}M-parameter VQ tokenizer: 28x28 -> {model.cfg.grid_size}x"
           f"{model.cfg.grid_size} codes of {codebook_size}, {steps} steps")
-    t0 = time.time()
-    train(model, train_images, steps, batch_size, lr, seed)
-    minutes = (time.time() - t0) / 60
+    partial = partial_path(path)
+    minutes = train(model, train_images, steps, batch_size, lr, seed, state=partial) / 60
     mse, psnr, usage = evaluate(model, test_images)
     model.codebook_groups(codebook_size // 4)  # VarKD's default partition, cached in the file
     model.fingerprint = weights_fingerprint(model)
     save_tokenizer(model, path, test_mse=mse, test_psnr=psnr, code_usage=usage,
                    train_minutes=minutes, data=fingerprint(train_images))
+    Path(partial).unlink(missing_ok=True)
     print(f"trained in {minutes:.1f} min; test MSE {mse:.5f}, PSNR {psnr:.2f} dB, "
           f"{usage:.1%} of codes used; saved {path} (fingerprint {model.fingerprint})")
     recon_path = str(path).rsplit(".", 1)[0] + "_recon.png"
@@ -401,7 +429,8 @@ def main(argv=None):
             build(args.out, args.data_dir, args.steps, args.batch_size, args.lr, args.codebook_size, args.seed,
                   args.grid)
         except KeyboardInterrupt:
-            raise SystemExit(f"interrupted: nothing written to {args.out} (it is saved at the end of training)") from None
+            raise SystemExit(f"interrupted: {args.out} is written at the end of training; the run so far is kept in "
+                             f"{partial_path(args.out)} (every 500 steps), and the same command continues it") from None
 
 
 if __name__ == "__main__":
