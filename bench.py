@@ -35,7 +35,37 @@ import tokenizer as tok
 from checks import existing_device, positive_int, ranged
 from data import WEIGHTS
 from model import GPT, PRESETS, GPTConfig, autocast, compile_decode, load_checkpoint
-from sample import generate, speculative_speed, timed
+from sample import generate, speculative_figures, speculative_generate, timed
+
+
+@torch.no_grad()
+def speculative_speed(target, drafts, labels, gamma=4, batch_size=1, seed=0, groups=None, delta=0.0, **filters):
+    """Wall clock on one device, the same labels and seeds: the target sampling alone, then with each
+    draft (drafts: {name: model}) speculating for it, batch_size images per call. Returns
+    {"target": {"seconds"}, name: {"acceptance", "codes_per_call", "seconds", "speed_up", "draft_cost"}},
+    draft_cost: the draft's time per call over the target's (each sampling alone).
+    Speed-up ~ codes_per_call / (1 + gamma * draft_cost): a draft pays only if it is cheap."""
+    def one_pass(sampler):  # every chunk once, after a warm-up on the first: (outputs, seconds)
+        sampler(labels[:batch_size], torch.Generator(labels.device).manual_seed(seed))  # warm-up
+        if labels.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = [sampler(chunk, torch.Generator(labels.device).manual_seed(seed + i))
+               for i, chunk in enumerate(labels.split(batch_size))]
+        if labels.device.type == "cuda":
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - t0
+
+    _, alone = one_pass(lambda chunk, g: generate(target, chunk, generator=g, **filters))
+    figures = {"target": {"seconds": alone}}
+    for name, draft in drafts.items():
+        counts, seconds = one_pass(lambda chunk, g: speculative_generate(target, draft, chunk, gamma, generator=g,
+                                                                         groups=groups, delta=delta, **filters)[1])
+        # the draft sampling alone: what one of its calls costs against one of the target's
+        cost = one_pass(lambda chunk, g: generate(draft, chunk, generator=g, **filters))[1] / alone
+        figures[name] = {**speculative_figures(*counts), "seconds": seconds, "speed_up": alone / seconds,
+                         "draft_cost": cost}
+    return figures
 
 
 def main():
@@ -185,7 +215,7 @@ def speculative(args, device):
 
 
 def decode(args, device):
-    """Eager against compiled decoding (model.compile_decode), on the shipped teacher and student:
+    """Eager against compiled decoding (model.compile_decode, set on each model), on the shipped teacher and student:
     codes/s of generate() (no guidance) at batch 1 and --batch-size, a mixed rollout of --batch-size
     real sequences, and speculative sampling at batch 1 (CFG 2, the student drafting for the teacher).
     Each compiled figure is taken once every shape it needs is compiled (the compile column: the
@@ -209,7 +239,8 @@ def decode(args, device):
     print(f"{'':>28} {'eager':>14} {'compiled':>14} {'speed-up':>9} {'compile s':>10}")
     figures = {}
     for mode in ("eager", "compiled"):
-        compile_decode(mode, device.type)
+        compile_decode(teacher, mode)
+        compile_decode(student, mode)
         for name, (fn, n) in cases.items():
             t0 = time.perf_counter()
             fn()
@@ -228,7 +259,6 @@ def decode(args, device):
             spec()  # every target call length (1 to gamma + 1 codes) compiled before the figure is taken
             f = spec()
             figures[mode, f"speculative gamma {gamma}"] = f
-    compile_decode("eager")
     for name, (fn, n) in cases.items():
         (eager, _), (compiled, first) = figures["eager", name], figures["compiled", name]
         unit = (lambda t: f"{n / t:>8,.0f} cod/s") if n else (lambda t: f"{t * 1e3:>9.1f} ms  ")
@@ -269,7 +299,8 @@ def paper_steps(device, student="B", teacher="L", grid=16, vocab=16384, classes=
     and the student."""
     cuda = device.type == "cuda"
     shape = dict(vocab_size=vocab, num_classes=classes, grid_size=grid)
-    model = GPT(GPTConfig(**PRESETS[student], **shape)).to(device)
+    # the rollouts of varkd decode as distill.py's do: compiled on GPUs
+    model = compile_decode(GPT(GPTConfig(**PRESETS[student], **shape)).to(device), "auto")
     big = GPT(GPTConfig(**PRESETS[teacher], **shape)).to(device).eval().requires_grad_(False)
     for m in (model, big):  # a zero head would make every rollout uniform
         torch.nn.init.normal_(m.output.weight, std=0.02)
@@ -318,14 +349,13 @@ def gpu_check(device, student="B", teacher="L", grid=16, vocab=16384, classes=10
     print(f"device {torch.cuda.get_device_name(device) if cuda else device}, torch {torch.__version__}, "
           f"{student} from {teacher} at {grid}x{grid} codes of {vocab}, bf16 {bf16 if bf16 is not None else cuda}")
     shape = dict(vocab_size=vocab, num_classes=classes, grid_size=grid)
-    compile_decode("auto", device.type)  # the rollouts of varkd, as distill.py runs them: compiled on GPUs
     figures, model = paper_steps(device, student, teacher, grid, vocab, classes, batch, steps, bf16, compiled=True)
     model.eval()
     sample_labels = torch.arange(sample_batch, device=device) % classes
     print(f"{'sampling':>14} {'batch':>6} {'img/s':>8} {'compile s':>10}  (CFG 2.0, {student})")
     greedy = {}
     for mode in ("eager", "compiled"):
-        compile_decode(mode, device.type)
+        compile_decode(model, mode)
         with autocast(device.type, bf16):
             t0 = time.perf_counter()
             greedy[mode] = generate(model, sample_labels, cfg_scale=2.0, temperature=0)
@@ -333,7 +363,6 @@ def gpu_check(device, student="B", teacher="L", grid=16, vocab=16384, classes=10
             t = timed(lambda: generate(model, sample_labels, cfg_scale=2.0), device, 1)
         figures[f"sample_{mode}"] = dict(images_per_s=sample_batch / t)
         print(f"{mode:>14} {sample_batch:>6} {sample_batch / t:>8.1f} {max(first - t, 0):>10.1f}")
-    compile_decode("eager")
     figures["greedy_agreement"] = (greedy["eager"] == greedy["compiled"]).float().mean().item()
     print(f"greedy codes equal, eager vs compiled: {figures['greedy_agreement']:.1%} (bf16 rounding may flip near-ties)")
     if cuda and torch.cuda.device_count() >= 2:

@@ -260,12 +260,12 @@ def main(argv=None):
         atomic_write(path, lambda tmp: Path(tmp).write_text(text))
         print(text + f"\nwrote {path}")
         return text
-    compile_decode(args.decode, torch.device(args.device).type)
     t0 = time.time()
     tokenizer, splits = runs.load_data(args)
     fingerprints = {"tokenizer": tokenizer.fingerprint, "data": splits["train"][2]}
     teacher = runs.load_parent(args.teacher, "teacher", fingerprints, args.device, args.teacher_preset, tokenizer)[0]
     student = runs.load_parent(args.init, "student", fingerprints, args.device, args.size, tokenizer)[0]
+    compile_decode(student, args.decode)  # its continuations
     codes, labels = (t[:args.num_seqs].to(args.device).long() for t in splits["test"][:2])
     groups = tokenizer.codebook_groups(args.groups or teacher.config.vocab_size // 4).to(args.device)
     d = diagnose(teacher, student, codes, labels, groups, args.prefix_frac, args.threshold, args.seed)

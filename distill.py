@@ -43,7 +43,7 @@ import runs
 from checks import check_output, output_lock
 from data import batch_indices
 from evaluate import held_figures, held_out, table
-from model import autocast, compile_decode
+from model import autocast
 from sample import generate
 
 # ------------------------------------------------------------------------------------------------
@@ -489,7 +489,6 @@ def main(argv=None):
     p.add_argument("--export", nargs=2, metavar=("CKPT", "DST"), help="instead, write a finished checkpoint "
                    "without its optimizer state to DST, as the files in weights/ were made")
     args = runs.get_args(argv, p)
-    compile_decode(args.decode, torch.device(args.device).type)
     if args.export:
         return runs.export(*args.export)
     rank, _ = runs.setup_ddp(args)

@@ -221,7 +221,7 @@ def load_target(target, args):
         raise SystemExit(f"no {path}: pass a checkpoint, an .npz of uint8 images or a folder of PNGs")
     tokenizer = load_tokenizer(args.tokenizer, image_size=args.image_size).to(args.device)
     model = load_checkpoint(path, args.preset, tokenizer.cfg.grid_size, tokenizer.fingerprint).to(args.device)
-    return [draw(model.eval(), tokenizer, args.num_samples, scale, seed=args.seed, rank=args.rank, world=args.world)
+    return [draw(compile_decode(model.eval(), args.decode), tokenizer, args.num_samples, scale, seed=args.seed, rank=args.rank, world=args.world)
             for scale in args.cfg_scale]
 
 
@@ -374,7 +374,7 @@ def report(path, ckpt, tokenizer, test_codes, test_labels, teacher, teacher_fp, 
     model). Each is computed once and kept in metrics.json with the fingerprints it was measured with."""
     shadow = beside(path, args.out_dir)  # its samples and metrics.json (out/weights/ for a shipped file)
     weights_fp = ckpt.get("fingerprint") or fingerprint(*(v.numpy() for v in ckpt["model"].values()))
-    model = load_checkpoint(path, tokenizer=tokenizer.fingerprint).to(test_codes.device).eval()
+    model = compile_decode(load_checkpoint(path, tokenizer=tokenizer.fingerprint).to(test_codes.device).eval(), args.decode)
     recorded = ckpt["metrics"] if ckpt.get("fingerprints", {}).get("teacher", teacher_fp) == teacher_fp else {}
     line = {"params": sum(p.numel() for p in model.parameters()), "steps": ckpt["step"],
             "wall_time": ckpt["metrics"].get("wall_time", 0.0), "teacher_seqs": ckpt["metrics"].get("teacher_seqs", 0),
@@ -429,7 +429,7 @@ def table(paths, tokenizer, test_codes, test_labels, args):
     # the sampling cost beside the quality: measured here, on this machine, never kept (another
     # machine's figure would be read as this one's), once per architecture for every model of it
     scales = [s for m in lines.values() for s in m["cfg"]]
-    speed = sampling_speed(configs, sorted(set(scales)), SPEED_BATCHES, device) if scales else {}
+    speed = sampling_speed(configs, sorted(set(scales)), SPEED_BATCHES, device, args.decode) if scales else {}
     for path, m in lines.items():
         for scale, f in m["cfg"].items():
             f.update({f"img_s_{b}": speed[path, scale, b] for b in SPEED_BATCHES})
@@ -525,7 +525,6 @@ def main(argv=None):
                    help="a device this machine has (default: cuda if available)")
     add_decode_flag(p)
     args = p.parse_args(argv)
-    compile_decode(args.decode, torch.device(args.device).type)
     args.tokenizer = args.tokenizer or str(WEIGHTS / "tokenizer.pt" if args.grid == 7 else
                                            Path(args.out_dir, f"grid{args.grid}", "tokenizer.pt"))
     args.rank, args.world = 0, 1

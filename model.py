@@ -9,7 +9,7 @@ checkpoints (c2i_B_256.pt, c2i_L_256.pt, ...) load with strict=True:
 
 The sequence is [class token, code 0, ..., code T-2]; logits[:, t] predicts code t. Decoding
 follows gpt-fast: setup_cache(), prefill() the class (and any known codes), then decode(), which
-runs a compiled graph once compile_decode() is called.
+runs a compiled graph for a model its caller passed to compile_decode(model, "compiled").
 """
 import contextlib
 import shutil
@@ -184,6 +184,7 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.decode_mode = "eager"  # compile_decode() sets it; decode() reads it
         # LlamaGen's LabelEmbedder holds its table as .embedding_table; the last row is the null class
         table = nn.Embedding(config.num_classes + 1, config.dim)
         self.cls_embedding = nn.ModuleDict({"embedding_table": table})
@@ -293,10 +294,11 @@ class GPT(nn.Module):
         """
         if isinstance(start, int):
             start = torch.arange(start, start + codes.shape[1], device=codes.device)
-        if _compiled_decode is not None:
+        if self.decode_mode == "compiled":
             # fresh strides (a slice of a (B, T) grid would compile a graph of its own); CUDA graphs
             # reuse their output buffers at the next call: hand out a copy
-            return _compiled_decode(self, codes.clone(memory_format=torch.contiguous_format), start + 1).clone()
+            step = compiled_step(codes.device.type)
+            return step(self, codes.clone(memory_format=torch.contiguous_format), start + 1).clone()
         return _decode_step(self, codes, start + 1)
 
 
@@ -312,25 +314,31 @@ def _decode_step(model, codes, pos):
 # serves every position and every model of those shapes, the weights being inputs of the graph.
 # Each compilation costs seconds to tens of seconds (cached on disk for the next run): on a GPU it
 # pays at once, on a CPU only for long sampling (bench.py --decode), hence "auto".
-_compiled_decode = None
+_COMPILED = {}  # device type -> the compiled step, built on first use and shared by every model
 
 
-def compile_decode(mode="compiled", device_type="cpu"):
-    """mode "compiled": every later GPT.decode() (sampling, rollouts, speculative sampling, evaluation)
-    runs compiled for models on device_type; "eager": as written; "auto": compiled on GPUs only.
-    Outputs agree with eager within fp32 rounding (the same codes under greedy decoding)."""
-    global _compiled_decode
-    _compiled_decode = None
-    if mode == "eager" or (mode == "auto" and device_type != "cuda"):
-        return
-    if device_type == "cpu" and not shutil.which("g++"):  # inductor's default compiler
+def compiled_step(device_type):
+    if device_type not in _COMPILED:
+        # speculative sampling decodes 1 to gamma + 1 codes per call and ZipAR a few rows at once: a
+        # graph each, per model shape and batch; more than the default limit of 8 recompilations
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        kwargs = dict(mode="reduce-overhead") if device_type == "cuda" else dict(options={"cpp_wrapper": True})
+        _COMPILED[device_type] = torch.compile(_decode_step, fullgraph=True, dynamic=False, **kwargs)
+    return _COMPILED[device_type]
+
+
+def compile_decode(model, mode="compiled"):
+    """The decode step of `model` from now on (sampling, rollouts, speculative sampling, evaluation):
+    "compiled", "eager" (as written), or "auto" (compiled on GPUs only), for the device its weights are
+    on now (call it after .to(device)). Returns the model. Outputs agree with eager within fp32
+    rounding (the same codes under greedy decoding)."""
+    device_type = next(model.parameters()).device.type
+    compiled = mode == "compiled" or (mode == "auto" and device_type == "cuda")
+    if compiled and device_type == "cpu" and not shutil.which("g++"):  # inductor's default compiler
         raise SystemExit("--decode compiled needs a C++ compiler on CPUs and g++ is not on the PATH: install it "
                          "(apt-get install g++) or pass --decode eager")
-    # speculative sampling decodes 1 to gamma + 1 codes per call and ZipAR a few rows at once: a
-    # graph each, per model shape and batch; more than the default limit of 8 recompilations
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    kwargs = dict(mode="reduce-overhead") if device_type == "cuda" else dict(options={"cpp_wrapper": True})
-    _compiled_decode = torch.compile(_decode_step, fullgraph=True, dynamic=False, **kwargs)
+    model.decode_mode = "compiled" if compiled else "eager"
+    return model
 
 
 def add_decode_flag(parser):

@@ -21,7 +21,7 @@ import tokenizer as tok
 from checks import (check_output, count, existing_device, fraction, fraction_range, non_negative, positive,
                     positive_int, read_checkpoint, scale_list, weights_fingerprint as state_fingerprint)
 from data import WEIGHTS, atomic_write, prepare_tokens
-from model import GPT, PRESETS, GPTConfig, add_decode_flag, load_checkpoint
+from model import GPT, PRESETS, GPTConfig, add_decode_flag, compile_decode, load_checkpoint
 
 METHODS = ("ce", "kd", "seqkd", "onpolicy", "varkd", "cca")
 # each method's defaults for the flags left unset (the rest of the table in the flags' help): its
@@ -353,7 +353,7 @@ def open_run(args, tokenizer, splits, role=None):
     if args.method != "ce" and (args.method != "cca" or Path(args.teacher).exists()):
         teacher, fingerprints["teacher"], _ = load_parent(args.teacher, "teacher", fingerprints, device,
                                                           args.teacher_preset, tokenizer)
-        teacher.requires_grad_(False)
+        compile_decode(teacher.requires_grad_(False), args.decode)  # SeqKD's pool samples it
         if teacher.config.num_classes != config.num_classes:  # the null class of one is a real class of the other
             raise SystemExit(f"the teacher {args.teacher} has {teacher.config.num_classes} classes, the data "
                              f"{config.num_classes}: pass a teacher trained on these classes as --teacher")
@@ -382,7 +382,7 @@ def open_run(args, tokenizer, splits, role=None):
         raise SystemExit(f"--groups {args.groups} is more than the {config.vocab_size} codes: pass 1 to {config.vocab_size}")
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} does not split over {world} processes: pass a multiple of {world}")
-    run.model = GPT(config).to(device)
+    run.model = compile_decode(GPT(config).to(device), args.decode)  # the rollouts decode with it
     if init is not None:
         run.model.load_state_dict(init.state_dict())
     decay = [p for p in run.model.parameters() if p.dim() >= 2]  # LlamaGen: no decay on norms

@@ -56,6 +56,22 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def guided_rows(labels, cfg_scale, num_classes):
+    """The rows a guided call decodes: the labels, then as many null-class rows (unguided: the labels
+    alone), and the function that doubles a batch of codes to match them."""
+    if cfg_scale == 1.0:
+        return labels, lambda x: x
+    return torch.cat([labels, torch.full_like(labels, num_classes)]), lambda x: torch.cat([x, x])
+
+
+def guide(logits, cfg_scale):
+    """Raw logits of guided_rows' rows -> uncond + s * (cond - uncond), LlamaGen's mix (unguided: as they are)."""
+    if cfg_scale == 1.0:
+        return logits
+    cond, uncond = logits.chunk(2)
+    return uncond + cfg_scale * (cond - uncond)
+
+
 @torch.no_grad()
 def generate(model, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, generator=None,
              kv_cache=True):
@@ -68,10 +84,7 @@ def generate(model, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, 
     """
     config = model.config
     B, T = labels.shape[0], config.block_size
-    guided = cfg_scale != 1.0
-    if guided:
-        labels = torch.cat([labels, torch.full_like(labels, config.num_classes)])  # (2B,)
-    both = (lambda x: torch.cat([x, x])) if guided else (lambda x: x)
+    labels, both = guided_rows(labels, cfg_scale, config.num_classes)  # (2B,) when guided
     codes = torch.zeros(B, T, dtype=torch.long, device=labels.device)  # (B, T), filled left to right
     was_training = model.training
     model.eval()
@@ -85,10 +98,7 @@ def generate(model, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, 
                     # forward() takes codes 0..t and predicts each; code t is a dummy (still 0) whose
                     # own logits are the ones needed
                     logits = model(both(codes[:, : t + 1]), labels)[:, t]
-                if guided:
-                    cond, uncond = logits.chunk(2)
-                    logits = uncond + cfg_scale * (cond - uncond)
-                codes[:, t] = sample_logits(logits, temperature, top_k, top_p, generator)
+                codes[:, t] = sample_logits(guide(logits, cfg_scale), temperature, top_k, top_p, generator)
                 if kv_cache and t + 1 < T:
                     logits = model.decode(both(codes[:, t : t + 1]), t)[:, -1]
     finally:
@@ -116,12 +126,12 @@ def timed(fn, device, repeats=5, warm_up=True):
 
 
 @torch.no_grad()
-def sampling_speed(configs, cfg_scales, batch_sizes=(64, 1), device="cpu", rounds=5, min_seconds=0.2):
+def sampling_speed(configs, cfg_scales, batch_sizes=(64, 1), device="cpu", decode="eager", rounds=5, min_seconds=0.2):
     """generate()'s images per second on this machine, {(config name, scale, batch size): img/s} for
     configs {name: GPTConfig}. The speed is the architecture's: weights do not change the work of a
     fixed-length decode, and guidance doubles every call's rows at any scale other than 1, so one
     random-weight model per architecture is timed, unguided and guided, and the figure shared by
-    every model and scale it stands for. The timings are interleaved (rounds of one timing of each,
+    every model and scale it stands for, in the decode mode `decode`. The timings are interleaved (rounds of one timing of each,
     the median kept), so a machine that slows down during the table slows every figure alike;
     compare them as ratios within one table."""
     device = torch.device(device)
@@ -131,7 +141,7 @@ def sampling_speed(configs, cfg_scales, batch_sizes=(64, 1), device="cpu", round
     torch.manual_seed(0)
     jobs = {}
     for key, (config, _) in archs.items():
-        model = GPT(config).to(device).eval()
+        model = compile_decode(GPT(config).to(device).eval(), decode)
         for guided in sorted({s != 1 for s in cfg_scales}):
             for b in batch_sizes:
                 labels = torch.arange(b, device=device) % config.num_classes
@@ -172,6 +182,51 @@ def relax(probs, drafted, groups, delta):
     return out.scatter_add(1, drafted[:, None], moved)
 
 
+def accepted_drafts(p, q, drafted, generator=None):
+    """p, q (B, g, V): the target's and the draft's probabilities at g drafted positions, drafted
+    (B, g) codes -> (B,) the drafts each row keeps before its first rejection, draft d kept with
+    probability min(1, p(d) / q(d))."""
+    p_d, q_d = p.gather(-1, drafted[..., None])[..., 0], q.gather(-1, drafted[..., None])[..., 0]
+    u = torch.rand(drafted.shape, generator=generator, device=drafted.device)
+    return (u * q_d < p_d).long().cumprod(1).sum(1)
+
+
+def next_after_drafts(p, q, n, m, drafted, generator=None):
+    """The code every row commits at offset m = min(n) of a round: a row that kept draft m keeps it;
+    one that rejected it draws from the residual max(p - q, 0); with every draft kept (m = g, q holds
+    g), all draw from the target's p. p (B, g + 1, V), q (B, g, V), n (B,), drafted (B, g) -> (B,)."""
+    if m == q.shape[1]:
+        return torch.multinomial(p[:, m], 1, generator=generator)[:, 0]
+    residual = (p[:, m] - q[:, m]).clamp(min=0)
+    # p == q up to rounding: a rejection had probability ~0, fall back to p
+    residual = torch.where(residual.sum(-1, keepdim=True) > 1e-12, residual, p[:, m])
+    fresh = torch.multinomial(residual, 1, generator=generator)[:, 0]
+    return torch.where(n == m, fresh, drafted[:, m])
+
+
+def catch_up(model, codes, fed, last, upto, both):
+    """A model's raw logits predicting codes fed..upto: `last` (predicting code fed, kept from its
+    previous call) and, when it has not seen codes fed..upto-1, one decode of them. -> (logits, calls)."""
+    if fed == upto:
+        return last, 0
+    return torch.cat([last, model.decode(both(codes[:, fed:upto]), fed)], 1), 1
+
+
+@contextlib.contextmanager
+def kv_caches(models, batch_size):
+    """Each model in eval mode with an empty KV cache for the block; afterwards as it was."""
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+            m.setup_cache(batch_size)
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.clear_cache()
+            m.train(mode)
+
+
 @torch.no_grad()
 def speculative_generate(target, draft, labels, gamma=4, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0,
                          generator=None, groups=None, delta=0.0):
@@ -180,12 +235,10 @@ def speculative_generate(target, draft, labels, gamma=4, cfg_scale=1.0, temperat
 
     Each round the draft samples g = min(gamma, codes left - 1) codes; the target scores the codes
     committed since its last call plus the g drafts in one decode; row i keeps its first n_i drafts
-    (draft d accepted with probability min(1, p(d)/q(d))). The batch advances by m + 1 codes,
-    m = min_i n_i: code t+m is row i's accepted draft if it had one, else a sample from the residual
-    max(p - q, 0), or, if every draft was accepted, a sample from the target's p at t+g. Cutting a
-    row at m+1 <= n_i+1 codes keeps it exact: each committed code is the accept-or-residual outcome
-    at its position, and where the cut falls depends only on earlier codes and on the other rows.
-    groups, delta > 0: relaxed acceptance (relax() above), no longer exact.
+    (accepted_drafts). The batch advances by m + 1 codes, m = min_i n_i, code t+m from
+    next_after_drafts. Cutting a row at m+1 <= n_i+1 codes keeps it exact: each committed code is the
+    accept-or-residual outcome at its position, and where the cut falls depends only on earlier codes
+    and on the other rows. groups, delta > 0: relaxed acceptance (relax() above), no longer exact.
     """
     T, B = target.config.block_size, len(labels)
     shape = lambda c: f"{c.grid_size}x{c.grid_size} codes of {c.vocab_size}, {c.num_classes} classes"  # noqa: E731
@@ -196,82 +249,50 @@ def speculative_generate(target, draft, labels, gamma=4, cfg_scale=1.0, temperat
         raise ValueError("relaxed acceptance (delta > 0) needs the codebook groups")
     if draft is target:  # each needs its own KV cache
         draft = copy.deepcopy(target)
-    guided = cfg_scale != 1.0
-    if guided:
-        labels = torch.cat([labels, torch.full_like(labels, target.config.num_classes)])
-    both = (lambda x: torch.cat([x, x])) if guided else (lambda x: x)
-
-    def probs_of(logits):  # raw logits (B or 2B, L, V) -> guided, filtered probabilities (B, L, V)
-        if guided:
-            cond, uncond = logits.chunk(2)
-            logits = uncond + cfg_scale * (cond - uncond)
-        return filtered_probs(logits.flatten(0, 1), temperature, top_k, top_p).view(B, logits.shape[1], -1)
-
-    def feed(role, upto):
-        """Decode the codes `role` has not been fed before `upto`: raw logits (B or 2B, L, V) predicting
-        codes fed..upto, the first one kept from its last call."""
-        model, (fed, logits) = models[role], state[role]
-        logits = logits[:, None]
-        if fed < upto:
-            logits = torch.cat([logits, model.decode(both(codes[:, fed:upto]), fed)], 1)
-            counts[role + "_calls"] += 1
-        return fed, logits
-
+    rows, both = guided_rows(labels, cfg_scale, target.config.num_classes)
+    probs = lambda raw: filtered_probs(guide(raw, cfg_scale).flatten(0, 1), temperature, top_k, top_p).view(  # noqa: E731
+        B, raw.shape[1], -1)  # raw logits (B or 2B, L, V) -> guided, filtered probabilities (B, L, V)
     codes = torch.zeros(B, T, dtype=torch.long, device=labels.device)
-    counts = dict(drafted=0, accepted=0, target_calls=0, draft_calls=0, length=T)
-    models, state = dict(target=target, draft=draft), {}
-    modes = {role: model.training for role, model in models.items()}
-    try:
-        with autocast(labels.device.type):  # bf16 on GPUs
-            for role, model in models.items():
-                model.eval()
-                model.setup_cache(len(labels))
-                # state: (codes fed so far, the raw logits predicting the next code)
-                state[role] = (0, model.prefill(labels, labels.new_zeros(len(labels), 0))[:, -1])
-                counts[role + "_calls"] += 1
-            t = 0
-            while t < T:
-                g = min(gamma, T - t - 1)
-                q, draft_logits = [], []  # per drafted code: probabilities (B, V) and raw logits
-                for i in range(g):
-                    draft_logits.append(feed("draft", t + i)[1][:, -1])
-                    state["draft"] = (t + i, draft_logits[-1])
-                    q.append(probs_of(draft_logits[-1][:, None])[:, 0])
-                    codes[:, t + i] = torch.multinomial(q[-1], 1, generator=generator)[:, 0]
-                # one target call scores every drafted code and the code after them
-                fed, raw = feed("target", t + g)
-                raw = raw[:, t - fed :]  # (B or 2B, g + 1, V): raw logits predicting codes t..t+g
-                p = probs_of(raw)
-                n = torch.zeros(B, dtype=torch.long, device=codes.device)
-                if g:
-                    drafted, q = codes[:, t : t + g], torch.stack(q, 1)  # (B, g), (B, g, V)
-                    if delta > 0:
-                        p[:, :g] = relax(p[:, :g].flatten(0, 1), drafted.flatten(), groups, delta).view(B, g, -1)
-                    p_d, q_d = p[:, :g].gather(-1, drafted[..., None])[..., 0], q.gather(-1, drafted[..., None])[..., 0]
-                    u = torch.rand(B, g, generator=generator, device=codes.device)
-                    n = (u * q_d < p_d).long().cumprod(1).sum(1)  # (B,): drafts kept before the first rejection
-                    counts["drafted"] += int((n + 1).clamp(max=g).sum())  # drafts tested: up to the first rejection
-                    counts["accepted"] += int(n.sum())
-                m = int(n.min())
-                if m < g:  # rows that rejected draft m draw code t+m from the residual max(p - q, 0)
-                    residual = (p[:, m] - q[:, m]).clamp(min=0)
-                    # p == q up to rounding: a rejection had probability ~0, fall back to p
-                    residual = torch.where(residual.sum(-1, keepdim=True) > 1e-12, residual, p[:, m])
-                    fresh = torch.multinomial(residual, 1, generator=generator)[:, 0]
-                    codes[:, t + m] = torch.where(n == m, fresh, codes[:, t + m])
-                else:
-                    codes[:, t + m] = torch.multinomial(p[:, m], 1, generator=generator)[:, 0]
-                # rollback: each model keeps what it was fed up to code t+m; what it was fed after that stays
-                # in its cache, invisible (a query attends only to positions before its own) until overwritten
-                state["target"] = (t + m, raw[:, m])
-                if g:
-                    keep = min(m, g - 1)  # the draft was fed codes up to t+g-2
-                    state["draft"] = (t + keep, draft_logits[keep])
-                t += m + 1
-    finally:
-        for role, model in models.items():
-            model.clear_cache()
-            model.train(modes[role])
+    counts = dict(drafted=0, accepted=0, target_calls=1, draft_calls=1, length=T)
+    with autocast(labels.device.type), kv_caches((target, draft), len(rows)):  # bf16 on GPUs
+        # each model: the codes fed to it so far, and its raw logits predicting the next one
+        (t_fed, t_next), (d_fed, d_next) = ((0, m.prefill(rows, rows.new_zeros(len(rows), 0))[:, -1:])
+                                            for m in (target, draft))
+        t = 0
+        while t < T:
+            g = min(gamma, T - t - 1)
+            q, d_raw = [], []  # per drafted code: the draft's probabilities (B, V), its raw logits
+            for i in range(g):
+                logits, calls = catch_up(draft, codes, d_fed, d_next, t + i, both)
+                d_fed, d_next = t + i, logits[:, -1:]
+                counts["draft_calls"] += calls
+                q.append(probs(d_next)[:, 0])
+                d_raw.append(d_next)
+                codes[:, t + i] = torch.multinomial(q[-1], 1, generator=generator)[:, 0]
+            # one target call scores every drafted code and the code after them
+            logits, calls = catch_up(target, codes, t_fed, t_next, t + g, both)
+            counts["target_calls"] += calls
+            raw = logits[:, t - t_fed:]  # (B or 2B, g + 1, V): raw logits predicting codes t..t+g
+            p, drafted = probs(raw), codes[:, t:t + g]
+            n = torch.zeros(B, dtype=torch.long, device=codes.device)
+            if g:
+                q = torch.stack(q, 1)  # (B, g, V)
+                if delta > 0:
+                    p[:, :g] = relax(p[:, :g].flatten(0, 1), drafted.flatten(), groups, delta).view(B, g, -1)
+                n = accepted_drafts(p[:, :g], q, drafted, generator)
+                counts["drafted"] += int((n + 1).clamp(max=g).sum())  # drafts tested: up to the first rejection
+                counts["accepted"] += int(n.sum())
+            else:
+                q = p[:, :0]
+            m = int(n.min())
+            codes[:, t + m] = next_after_drafts(p, q, n, m, drafted, generator)
+            # rollback: each model keeps what it was fed up to code t+m; what it was fed after that stays
+            # in its cache, invisible (a query attends only to positions before its own) until overwritten
+            t_fed, t_next = t + m, raw[:, m:m + 1]
+            if g:
+                keep = min(m, g - 1)  # the draft was fed codes up to t+g-2
+                d_fed, d_next = t + keep, d_raw[keep]
+            t += m + 1
     return codes, counts
 
 
@@ -281,36 +302,6 @@ def speculative_figures(*counts):
     total = {k: sum(c[k] for c in counts) for k in counts[0]}
     return dict(acceptance=total["accepted"] / max(total["drafted"], 1),
                 codes_per_call=total["length"] / total["target_calls"])
-
-
-@torch.no_grad()
-def speculative_speed(target, drafts, labels, gamma=4, batch_size=1, seed=0, groups=None, delta=0.0, **filters):
-    """Wall clock on one device, the same labels and seeds: the target sampling alone, then with each
-    draft (drafts: {name: model}) speculating for it, batch_size images per call. Returns
-    {"target": {"seconds"}, name: {"acceptance", "codes_per_call", "seconds", "speed_up", "draft_cost"}},
-    draft_cost: the draft's time per call over the target's (each sampling alone).
-    Speed-up ~ codes_per_call / (1 + gamma * draft_cost): a draft pays only if it is cheap."""
-    def timed(sampler):
-        sampler(labels[:batch_size], torch.Generator(labels.device).manual_seed(seed))  # warm-up
-        if labels.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = [sampler(chunk, torch.Generator(labels.device).manual_seed(seed + i))
-               for i, chunk in enumerate(labels.split(batch_size))]
-        if labels.device.type == "cuda":
-            torch.cuda.synchronize()
-        return out, time.perf_counter() - t0
-
-    _, alone = timed(lambda chunk, g: generate(target, chunk, generator=g, **filters))
-    figures = {"target": {"seconds": alone}}
-    for name, draft in drafts.items():
-        counts, seconds = timed(lambda chunk, g: speculative_generate(target, draft, chunk, gamma, generator=g,
-                                                                      groups=groups, delta=delta, **filters)[1])
-        # the draft sampling alone: what one of its calls costs against one of the target's
-        cost = timed(lambda chunk, g: generate(draft, chunk, generator=g, **filters))[1] / alone
-        figures[name] = {**speculative_figures(*counts), "seconds": seconds, "speed_up": alone / seconds,
-                         "draft_cost": cost}
-    return figures
 
 
 def main(argv=None):
@@ -359,7 +350,6 @@ def main(argv=None):
     p.add_argument("--device", type=existing_device, default="cpu", help="torch device this machine has, e.g. cuda (default: cpu)")
     add_decode_flag(p)
     args = p.parse_args(argv)
-    compile_decode(args.decode, torch.device(args.device).type)
     home = WEIGHTS if args.grid == 7 else Path(f"out/grid{args.grid}")
     args.ckpt, args.tokenizer = args.ckpt or str(home / "teacher.pt"), args.tokenizer or str(home / "tokenizer.pt")
     idle = [flag for flag, given in (("--relax-delta", args.relax_delta), ("--groups", args.groups),
@@ -383,7 +373,7 @@ def draw_and_save(args, out):
     """sample.py's work once its flags and outputs are checked: load, draw, write the grid (and .npz)."""
     tokenizer = load_tokenizer(args.tokenizer, image_size=args.image_size).to(args.device)
     model = load_checkpoint(args.ckpt, args.preset, tokenizer.cfg.grid_size, tokenizer.fingerprint).to(args.device)
-    config = model.config
+    model, config = compile_decode(model, args.decode), model.config
     classes = args.classes or list(range(config.num_classes))
     if not all(0 <= c < config.num_classes for c in classes):
         raise SystemExit(f"--classes {classes} out of range: pass ids within 0..{config.num_classes - 1}")
@@ -395,7 +385,7 @@ def draw_and_save(args, out):
                    generator=generator)
     if args.draft:
         draft = load_checkpoint(args.draft, args.draft_preset, tokenizer.cfg.grid_size, tokenizer.fingerprint)
-        draft = draft.to(args.device)
+        draft = compile_decode(draft.to(args.device), args.decode)
         if args.groups and args.groups > config.vocab_size:
             raise SystemExit(f"--groups {args.groups} is more than the {config.vocab_size} codes: pass 1 to "
                              f"{config.vocab_size}")

@@ -35,10 +35,10 @@ from PIL import Image, ImageDraw
 import runs
 from checks import count, int_list, positive_int
 from data import CLASSES, atomic_write
+from bench import speculative_speed
 from distill import train
 from evaluate import cfg_plot, draw, table
 from model import compile_decode, load_checkpoint
-from sample import speculative_speed
 
 # name, method, flags (after its method's tuned setting), what it is, the paper's ImageNet FID (LlamaGen-L -> B; Table 1 and Table 2)
 ROWS = [
@@ -102,7 +102,7 @@ PLANS = {  # rows, tuned methods and their grid, the start of stage 2, the tunin
 PLOTTED = ("teacher", "ce", "kd", "kd_cont", "ce_cont", "seqkd", "onpolicy", "varkd", "varkd_sampled", "varkd_all",
            "kd_gf", "seqkd_gf", "onpolicy_gf", "varkd_gf", "cca")
 SPEC_CFG = 2.0  # the drafts and the comparison image: the scale the teacher is best at
-# the students that draft for the teacher (sample.speculative_speed): one image per call, gamma 4
+# the students that draft for the teacher (bench.speculative_speed): one image per call, gamma 4
 DRAFTS = ("ce", "kd", "kd_cont", "seqkd", "onpolicy", "varkd", "kd_gf", "varkd_gf", "cca")
 SPECULATIVE = [("spec_acceptance", "drafts accepted", 3), ("spec_codes_per_call", "codes per teacher call", 2),
                ("spec_speed_up", "speed-up", 2), ("spec_draft_cost", "draft cost per call", 2)]
@@ -258,7 +258,7 @@ def run(args, tokenizer, splits, seeds):
     first = study_runs(args, seeds[0], winners)  # the comparison image: the first seed's models
     if all(Path(r.out).exists() for _, r in first):
         compare_image([args.teacher, student] + [r.out for _, r in first], ["teacher", "ce"] + [n for n, _ in first], tokenizer,
-                      out / "compare.png", SPEC_CFG, args.device)
+                      out / "compare.png", SPEC_CFG, args.device, args.decode)
     print("\n" + markdown + f"\nwrote {out}/results.md, results.json, fid_vs_cfg.png, compare.png")
     return results
 
@@ -310,12 +310,12 @@ def speculative(args, tokenizer, seed_runs, seed, gamma=4):
     stamp = {name: [os.stat(r.out).st_mtime_ns, os.stat(args.teacher).st_mtime_ns] for name, r in drafts}
     todo = {name: r.out for name, r in drafts if saved.get(name, {}).get("stamp") != stamp[name]}
     if todo:
-        teacher = load_checkpoint(args.teacher, tokenizer=tokenizer.fingerprint).to(args.device)
+        load = lambda p: compile_decode(load_checkpoint(p, tokenizer=tokenizer.fingerprint).to(args.device), args.decode)  # noqa: E731
+        teacher = load(args.teacher)
         classes = teacher.config.num_classes
         labels = torch.arange(max(args.eval_samples // 100, classes), device=args.device) % classes
         print(f"speculative sampling, {len(labels)} images one at a time: {', '.join(todo)} drafting for the teacher")
-        figures = speculative_speed(teacher, {n: load_checkpoint(p, tokenizer=tokenizer.fingerprint).to(args.device) for n, p in todo.items()},
-                                    labels, gamma, seed=seed, cfg_scale=SPEC_CFG)
+        figures = speculative_speed(teacher, {n: load(p) for n, p in todo.items()}, labels, gamma, seed=seed, cfg_scale=SPEC_CFG)
         saved |= {n: {"stamp": stamp[n], **{f"spec_{k}": v for k, v in figures[n].items() if k != "seconds"}}
                   for n in todo}
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(saved, indent=2)))
@@ -457,12 +457,12 @@ def results_markdown(results):
 
 
 @torch.no_grad()
-def compare_image(paths, names, tokenizer, path, cfg_scale, device, per_class=2, seed=1234, scale=2):
+def compare_image(paths, names, tokenizer, path, cfg_scale, device, decode="eager", per_class=2, seed=1234, scale=2):
     """One row per model, `per_class` samples per class in class order, the same sampling seed for
     every row: the differences between methods at a glance."""
     rows = []
     for ckpt in paths:
-        model = load_checkpoint(ckpt, tokenizer=tokenizer.fingerprint).to(device).eval()
+        model = compile_decode(load_checkpoint(ckpt, tokenizer=tokenizer.fingerprint).to(device).eval(), decode)
         classes = model.config.num_classes
         images, _ = draw(model, tokenizer, per_class * classes, cfg_scale, seed=seed)  # labels cycle the classes
         rows.append(images)  # (per_class * classes, H, W, C), image i of class i % classes
@@ -515,7 +515,6 @@ def main(argv=None):
         if needed - set(args.winners):
             p.error(f"--winners names no setting for {', '.join(sorted(needed - set(args.winners)))}: give every "
                     f"tuned method of the rows, or drop --winners to tune")
-    compile_decode(args.decode, torch.device(args.device).type)
     seeds = args.seeds
     rank, _ = runs.setup_ddp(args)
     torch.manual_seed(args.seed + rank)
