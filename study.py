@@ -95,9 +95,11 @@ GF_KNOBS = {"kd": TEACHER_CFGS, "seqkd": TEACHER_CFGS, "onpolicy": TEACHER_CFGS,
             "cca": {f"lam{v}": ["--cca-lambda", v] for v in ("100", "1000")}}
 PLANS = {  # rows, tuned methods and their grid, the start of stage 2, the tuning's scale (None: each one's best)
     "paper": dict(rows=ROWS, tuned=TUNED, readings=READINGS, knobs={}, start="kd", rule_cfg=None, dir="study",
-                  control="kd_cont"),
+                  control="kd_cont", compare_cfg=2.0),
+    # its comparison image: the rows sampled guidance-free, beside the teacher and the no-KD student
+    # at CFG 2 (and the no-KD student at 1: what guidance-free sampling gives without distillation)
     "guidance-free": dict(rows=GF_ROWS, tuned=GF_TUNED, readings={}, knobs=GF_KNOBS, start="ce", rule_cfg=1.0,
-                          dir="study_gf", control="ce_cont"),
+                          dir="study_gf", control="ce_cont", compare_cfg=1.0),
 }
 PLOTTED = ("teacher", "ce", "kd", "kd_cont", "ce_cont", "seqkd", "onpolicy", "varkd", "varkd_sampled", "varkd_all",
            "kd_gf", "seqkd_gf", "onpolicy_gf", "varkd_gf", "cca")
@@ -257,8 +259,9 @@ def run(args, tokenizer, splits, seeds):
              title=f"FID-cls against CFG, mean and std over seeds {','.join(map(str, seeds))}")
     first = study_runs(args, seeds[0], winners)  # the comparison image: the first seed's models
     if all(Path(r.out).exists() for _, r in first):
-        compare_image([args.teacher, student] + [r.out for _, r in first], ["teacher", "ce"] + [n for n, _ in first], tokenizer,
-                      out / "compare.png", SPEC_CFG, args.device, args.decode)
+        at = args.plan["compare_cfg"]
+        shown = [(args.teacher, "teacher", SPEC_CFG), (student, "ce", SPEC_CFG)] + [(student, "ce", at)] * (at != SPEC_CFG)
+        compare_image(shown + [(r.out, n, at) for n, r in first], tokenizer, out / "compare.png", args.device, args.decode)
     print("\n" + markdown + f"\nwrote {out}/results.md, results.json, fid_vs_cfg.png, compare.png")
     return results
 
@@ -457,15 +460,16 @@ def results_markdown(results):
 
 
 @torch.no_grad()
-def compare_image(paths, names, tokenizer, path, cfg_scale, device, decode="eager", per_class=2, seed=1234, scale=2):
-    """One row per model, `per_class` samples per class in class order, the same sampling seed for
-    every row: the differences between methods at a glance."""
-    rows = []
-    for ckpt in paths:
+def compare_image(shown, tokenizer, path, device, decode="eager", per_class=2, seed=1234, scale=2):
+    """One row per (checkpoint, name, guidance scale) of `shown`, `per_class` samples per class in class
+    order, the same sampling seed for every row: the differences between methods at a glance."""
+    rows, names = [], []
+    for ckpt, name, cfg_scale in shown:
         model = compile_decode(load_checkpoint(ckpt, tokenizer=tokenizer.fingerprint).to(device).eval(), decode)
         classes = model.config.num_classes
         images, _ = draw(model, tokenizer, per_class * classes, cfg_scale, seed=seed)  # labels cycle the classes
         rows.append(images)  # (per_class * classes, H, W, C), image i of class i % classes
+        names.append(f"{name} @{cfg_scale:g}")
     (h, w, channels), gap, label_w, head_h = rows[0].shape[1:], 4, 100, 14
     cell = per_class * w * scale + gap  # one class: its samples side by side, then a gap
     canvas = Image.new("L" if channels == 1 else "RGB", (label_w + classes * cell, head_h + len(rows) * (h * scale + gap)), 255)

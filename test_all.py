@@ -1598,6 +1598,8 @@ def test_the_guidance_free_study_tunes_the_teachers_scale_at_cfg_1_and_its_seeds
     assert rows["cca"]["teacher_seqs"]["mean"] == 0 and rows["kd_gf"]["teacher_seqs"]["mean"] == 2 * 16 * 2  # twice per sequence
     assert all(rows[n]["cost_cfg1"]["img_s_64"]["mean"] > 0 for n in rows)
     assert "| model | FID-cls at CFG 1 | img/s 64 |" in (base / "results.md").read_text()
+    with Image.open(base / "compare.png") as im:  # teacher and ce at CFG 2, ce at 1, then each row at 1
+        assert im.height == 14 + 5 * (2 * 28 + 4)
     # the seed's checkpoints gone (another machine): its lines.json stands for them, with the same settings only
     for name in ("kd_gf", "cca"):
         (base / "seed0" / name / "ckpt.pt").unlink()
