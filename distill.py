@@ -69,6 +69,28 @@ def kd_loss(s_logits, t_logits, tau=1.0, mask=None):
     return d.mean() if mask is None else (d * mask).sum() / mask.sum().clamp_min(1)
 
 
+def taid_loss(s_logits, t_logits, t, mask=None):
+    """TAID (Shing et al., ICLR 2025): forward KL from the interpolated target softmax((1 - t) sg(l_S) +
+    t l_T) to p_S, a target that starts near the student and moves to the teacher as t rises to 1,
+    so a small student is never asked to jump the whole capacity gap at once. t = 1: kd's loss (tau
+    1); t = 0: the student's own distribution, zero loss."""
+    return kd_loss(s_logits, (1 - t) * s_logits.detach() + t * t_logits, 1.0, mask)
+
+
+def taid_step(state, loss, step, args):
+    """TAID's schedule of t after a step with this loss (as the authors' code): the momentum of the
+    loss's relative decrease, m = beta m + (1 - beta) (prev - loss) / prev, pushes t up by
+    alpha sigmoid(m) (1 - t), never below the line from t_start at step 0 to 1 at the last step,
+    never above 1. At 400 steps the line dominates (alpha 5e-4 adds at most ~0.1). state: {"t",
+    "prev" (None before the first step), "momentum"}; returns the next state."""
+    if state["prev"] is None:
+        return {**state, "prev": loss}
+    momentum = args.taid_beta * state["momentum"] + (1 - args.taid_beta) * (state["prev"] - loss) / (state["prev"] + 1e-15)
+    line = args.taid_t_start + (1 - args.taid_t_start) * step / args.max_iters
+    grown = state["t"] + args.taid_alpha / (1 + math.exp(-momentum)) * (1 - state["t"])
+    return {"t": min(1.0, max(line, grown)), "prev": loss, "momentum": momentum}
+
+
 def gkd_loss(s_logits, t_logits, beta=0.5, mask=None):
     """GKD: generalized JSD_beta at every position, or at those in a boolean mask (B, T)."""
     d = jsd(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), beta)
@@ -278,11 +300,12 @@ def cca_loss(gap, negative_gap, unconditional, beta=0.02, lam=1000.0):
 # One step of one method, then the loop.
 
 
-def method_loss(args, step_fn, model, teacher, codes, labels, groups, g):
+def method_loss(args, step_fn, model, teacher, codes, labels, groups, g, taid_t=None):
     """One step of one method: where its contexts come from, then which divergence. step_fn is the
     model as trained (DDP and torch.compile wrap it), model the raw one (its rollouts use the KV
     cache); teacher is the teacher (for cca, the frozen reference); codes (B, T) are data (or, for
-    seqkd, teacher samples), labels after label dropout; g is the step's random generator."""
+    seqkd, teacher samples), labels after label dropout; g is the step's random generator; taid_t
+    TAID's t at this step (default: --taid-t-start)."""
     if args.method == "cca":  # teacher is the frozen reference, the starting model
         null = model.config.num_classes
         other = (labels + torch.randint(1, null, labels.shape, generator=g, device=g.device).to(labels.device)) % null
@@ -305,6 +328,8 @@ def method_loss(args, step_fn, model, teacher, codes, labels, groups, g):
     real = ~sampled  # data contexts: a rollout's real prefix, or the whole of a data step
     if args.method in ("kd", "seqkd"):
         loss = kd_loss(logits, t_logits, args.tau)
+    elif args.method == "taid":
+        loss = taid_loss(logits, t_logits, args.taid_t_start if taid_t is None else taid_t)
     else:
         # the method's own divergence on the student's positions (all of a data step's, GKD's mix);
         # on a rollout's real prefix, as --supervise says: the sampler draws those codes from the
@@ -380,6 +405,8 @@ def train(args, tokenizer, splits, role=None):
                disable=rank > 0)
     saved = run.start or None  # the step of the checkpoint at args.out (None: none yet)
     step = run.start
+    if args.method == "taid":  # TAID's t and its momentum: state of the run, kept in its checkpoint
+        metrics.setdefault("taid", {"t": args.taid_t_start, "prev": None, "momentum": 0.0})
     try:
         for step in bar:
             lr = lr_at(step, args)
@@ -402,7 +429,8 @@ def train(args, tokenizer, splits, role=None):
                 codes, labels = train_codes[idx].to(device).long()[rank::world], labels[rank::world]
             g.manual_seed(step_seed * 1024 + rank + 1)  # this rank's own rollouts
             with amp:
-                loss = method_loss(args, step_fn, model, run.reference or teacher, codes, labels, groups, g)
+                loss = method_loss(args, step_fn, model, run.reference or teacher, codes, labels, groups, g,
+                                   metrics.get("taid", {}).get("t"))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             # the norm of the all-reduced gradients: every rank sees the same one, and stops together
@@ -411,13 +439,19 @@ def train(args, tokenizer, splits, role=None):
                 raise SystemExit(f"the loss is {loss.item()} (gradient norm {norm.item()}) at step {step}: training "
                                  f"diverged; {kept(args, saved)}")
             optimizer.step()
+            if args.method == "taid":  # the next step's t, from this step's loss over every rank: all ranks alike
+                value = loss.detach().clone()
+                if world > 1:
+                    dist.all_reduce(value)
+                metrics["taid"] = taid_step(metrics["taid"], value.item() / world, step, args)
             tokens += codes.numel() * world
             if teacher is not None and args.method != "cca":  # the cost the paper counts: sequences the teacher scores (or samples, above)
                 passes = 1 + (args.teacher_cfg != 1)  # a guided target scores each sequence twice
                 metrics["teacher_seqs"] = metrics.get("teacher_seqs", 0) + codes.shape[0] * world * passes
             done = step + 1
             if done % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens / (time.time() - t0):.0f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens / (time.time() - t0):.0f}",
+                                **({"t": f"{metrics['taid']['t']:.3f}"} if "taid" in metrics else {}))
             if rank == 0 and (done % args.eval_interval == 0 or done == args.max_iters):
                 # the curve, on the first --eval-seqs test sequences at every point, the last step included;
                 # at the last step the rest of the split too, in a second pass: the whole split's figures

@@ -23,7 +23,7 @@ from checks import (check_output, count, existing_device, fraction, fraction_ran
 from data import WEIGHTS, atomic_write, prepare_tokens
 from model import GPT, PRESETS, GPTConfig, add_decode_flag, compile_decode, load_checkpoint
 
-METHODS = ("ce", "kd", "seqkd", "onpolicy", "varkd", "cca")
+METHODS = ("ce", "kd", "seqkd", "onpolicy", "varkd", "taid", "cca")
 # each method's defaults for the flags left unset (the rest of the table in the flags' help): its
 # steps (ce: the shipped student's), where it starts (the paper's two stages: kd from the no-KD
 # student, {student}: the shipped one with the shipped tokenizer; stage 2 from kd), its peak
@@ -36,6 +36,7 @@ DEFAULTS = {
     "seqkd": dict(max_iters=400, init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=0.0, beta=0.5, supervise="all"),
     "onpolicy": dict(max_iters=400, init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=0.1, beta=0.5, supervise="prefix-kd"),
     "varkd": dict(max_iters=400, init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=1.0, beta=1.0, supervise="prefix-kd"),
+    "taid": dict(max_iters=400, init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=0.0, beta=0.5, supervise="all"),
     # no teacher: a guidance-free model from the no-KD student alone, the alternative to distilling
     "cca": dict(max_iters=400, init="{student}", lr=1e-3, lam=0.0, beta=0.5, supervise="all"),
 }
@@ -47,12 +48,13 @@ SHARED = ("out_dir", "data_dir", "grid", "flip", "image_size", "tokenizer", "tea
 RECIPE = ("method", "size", "max_iters", "batch_size", "lr", "min_lr_frac", "warmup", "schedule", "weight_decay",
           "grad_clip", "seed", "tau", "ce_weight", "lam", "beta", "supervise", "prefix_frac", "threshold",
           "no_entropy_weights", "no_truncation", "no_groups", "groups", "no_parallel", "window", "pool_size", "pool_refresh", "pool_cfg",
-          "teacher_cfg", "cca_beta", "cca_lambda")
+          "teacher_cfg", "cca_beta", "cca_lambda", "taid_t_start", "taid_alpha", "taid_beta")
 # flags added to RECIPE later, with the value a checkpoint written before them was trained with
-RECIPE_SINCE = {"teacher_cfg": 1.0, "cca_beta": 0.02, "cca_lambda": 1000.0}
+RECIPE_SINCE = {"teacher_cfg": 1.0, "cca_beta": 0.02, "cca_lambda": 1000.0, "taid_t_start": 0.4, "taid_alpha": 5e-4,
+                "taid_beta": 0.99}
 ROLES = {"teacher": "teacher", "ce": "no-KD student", "kd": "stage-1 KD student"}
 # minutes per 1000 steps at the default sizes on 2 CPU cores (RESULTS.md), for the messages
-MINUTES = {"teacher": 13, "ce": 2.3, "kd": 5.5, "seqkd": 8, "onpolicy": 6, "varkd": 8.5, "cca": 5}
+MINUTES = {"teacher": 13, "ce": 2.3, "kd": 5.5, "seqkd": 8, "onpolicy": 6, "varkd": 8.5, "taid": 5.5, "cca": 5}
 
 
 def parser(description=None, eval_cfg="1,2"):
@@ -60,8 +62,8 @@ def parser(description=None, eval_cfg="1,2"):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="ce", choices=list(METHODS), help="ce: next-code cross-entropy "
                    "on data (teacher, no-KD student); kd: forward KL on data; seqkd: forward KL on teacher "
-                   "samples; onpolicy: GKD on mixed rollouts; varkd; cca: condition contrastive alignment, no teacher "
-                   "(default: ce)")
+                   "samples; onpolicy: GKD on mixed rollouts; varkd; taid: forward KL to a target interpolated from the "
+                   "student to the teacher; cca: condition contrastive alignment, no teacher (default: ce)")
     p.add_argument("--size", "--student-preset", default="student", help=f"model preset: one of "
                    f"{', '.join(PRESETS)}; 'teacher' and 'student' are the CPU defaults (default: student)")
     p.add_argument("--out", help="checkpoint path (default: out/teacher.pt for --size teacher, "
@@ -117,10 +119,16 @@ def parser(description=None, eval_cfg="1,2"):
                     "each sample is seen about 4 times (default: 250)")
     kd.add_argument("--pool-cfg", type=non_negative, help="seqkd: CFG scale of the teacher's samples, >= 0 "
                     "(default: --teacher-cfg: the distribution the student is taught)")
-    kd.add_argument("--teacher-cfg", type=non_negative, default=1.0, help="the target of kd, seqkd, onpolicy and "
-                    "varkd: the teacher's logits with this classifier-free guidance, l_u + S (l_c - l_u), so that "
+    kd.add_argument("--teacher-cfg", type=non_negative, default=1.0, help="the target of kd, seqkd, onpolicy, "
+                    "varkd and taid: the teacher's logits with this classifier-free guidance, l_u + S (l_c - l_u), so that "
                     "the student learns to sample like the guided teacher without guidance (one pass per code); "
                     ">= 0 (default: 1, the teacher's own logits)")
+    kd.add_argument("--taid-t-start", type=fraction, default=0.4, help="taid: t at step 0, in [0, 1]; t rises to 1 by "
+                    "the last step (default: 0.4, the authors' for Phi-3 and Llama-2)")
+    kd.add_argument("--taid-alpha", type=fraction, default=5e-4, help="taid: the adaptive part of t's rise per step, "
+                    "in [0, 1] (default: 5e-4, the authors')")
+    kd.add_argument("--taid-beta", type=fraction, default=0.99, help="taid: momentum of the loss's relative change, "
+                    "in [0, 1] (default: 0.99, the authors')")
     kd.add_argument("--cca-beta", type=positive, default=0.02, help="cca: beta of the log-ratio per sequence, > 0 "
                     "(default: 0.02, the authors' for LlamaGen)")
     kd.add_argument("--cca-lambda", type=positive, default=1000.0, help="cca: weight of the mismatched pairs, > 0 "

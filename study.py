@@ -8,7 +8,7 @@ each method tuned the same way first, every model judged across a guidance grid.
 The shipped tokenizer, teacher and no-KD student (weights/) serve every seed (with --tokenizer of
 your own, they are built once under the out-dir). First the tuning, on a validation seed that is
 never reported (--tune-seed, training and sampling): each tuned method (kd continued, ce continued,
-seqkd, onpolicy, varkd) tries the same grid, TUNE_LRS, and for the two with rollouts also the two
+seqkd, onpolicy, varkd, taid) tries the same grid, TUNE_LRS, and for the two with rollouts also the two
 readings of their real prefix (READINGS); the rule, fixed before the runs: the lowest FID-cls at the
 best scale of the guidance grid. Then per seed, under out/study/seed<s>/: stage-1 KD from the no-KD
 student (--kd-iters steps), then from the KD checkpoint --study-iters more steps of each row below
@@ -60,12 +60,13 @@ ROWS = [
     ("varkd_all", "varkd", ["--supervise", "all", "--prefix-frac", "0.25,0.75"], "VarKD, reverse KL on the prefix too", None),
     ("varkd_lam0.5", "varkd", ["--lam", "0.5"], "VarKD, rollouts on half the steps", None),
     ("varkd_lam0.1", "varkd", ["--lam", "0.1"], "VarKD, rollouts on a tenth of the steps (GKD's)", None),
+    ("taid", "taid", [], "TAID: a target from the student to the teacher, t 0.4 -> 1", None),
 ]
 STAGE1 = [("ce", "no-KD student", 6.51), ("kd", "stage-1 KD", 4.92)]
 # the tuning, the same for every method: its row of ROWS is tried with each learning rate, and the
 # methods with rollouts with each reading of a rollout's real prefix: teacher-forced KD on it, or
 # nothing on it but rollouts that sometimes start from the class alone (a prefix from 0)
-TUNED = {"kd": "kd_cont", "ce": "ce_cont", "seqkd": "seqkd", "onpolicy": "onpolicy", "varkd": "varkd"}
+TUNED = {"kd": "kd_cont", "ce": "ce_cont", "seqkd": "seqkd", "onpolicy": "onpolicy", "varkd": "varkd", "taid": "taid"}
 TUNE_LRS = ("3e-4", "1e-3")
 UNTUNED = {"ce": ["--lr", "1e-3"]}  # --no-tune: ce's own default learning rate is for training from scratch
 READINGS = {"prefix-kd": ["--supervise", "prefix-kd", "--prefix-frac", "0.25,0.75"],
@@ -84,14 +85,16 @@ GF_ROWS = [
     ("seqkd_gf", "seqkd", [], "SeqKD, the guided teacher's samples and target", None),
     ("onpolicy_gf", "onpolicy", [], "GKD, the guided teacher's target", None),
     ("varkd_gf", "varkd", [], "VarKD, the guided teacher's target", None),
+    ("taid_gf", "taid", [], "TAID, the guided teacher's target", None),
     ("cca", "cca", [], "CCA (Chen et al. 2024), no teacher", None),
 ]
-GF_TUNED = {"ce": "ce_cont", "kd": "kd_gf", "seqkd": "seqkd_gf", "onpolicy": "onpolicy_gf", "varkd": "varkd_gf", "cca": "cca"}
+GF_TUNED = {"ce": "ce_cont", "kd": "kd_gf", "seqkd": "seqkd_gf", "onpolicy": "onpolicy_gf", "varkd": "varkd_gf",
+            "taid": "taid_gf", "cca": "cca"}
 # each method's guidance knob, tried beside TUNE_LRS: the teacher's scale S, or CCA's lambda (its
 # guidance strength: the authors' 1000 for LlamaGen-B and a tenth of it). The readings of a rollout's
 # prefix are not tried again here: prefix-kd, the default
 TEACHER_CFGS = {f"S{s}": ["--teacher-cfg", s] for s in ("2", "3")}
-GF_KNOBS = {"kd": TEACHER_CFGS, "seqkd": TEACHER_CFGS, "onpolicy": TEACHER_CFGS, "varkd": TEACHER_CFGS,
+GF_KNOBS = {"kd": TEACHER_CFGS, "seqkd": TEACHER_CFGS, "onpolicy": TEACHER_CFGS, "varkd": TEACHER_CFGS, "taid": TEACHER_CFGS,
             "cca": {f"lam{v}": ["--cca-lambda", v] for v in ("100", "1000")}}
 PLANS = {  # rows, tuned methods and their grid, the start of stage 2, the tuning's scale (None: each one's best)
     "paper": dict(rows=ROWS, tuned=TUNED, readings=READINGS, knobs={}, start="kd", rule_cfg=None, dir="study",
@@ -101,11 +104,11 @@ PLANS = {  # rows, tuned methods and their grid, the start of stage 2, the tunin
     "guidance-free": dict(rows=GF_ROWS, tuned=GF_TUNED, readings={}, knobs=GF_KNOBS, start="ce", rule_cfg=1.0,
                           dir="study_gf", control="ce_cont", compare_cfg=1.0),
 }
-PLOTTED = ("teacher", "ce", "kd", "kd_cont", "ce_cont", "seqkd", "onpolicy", "varkd", "varkd_sampled", "varkd_all",
-           "kd_gf", "seqkd_gf", "onpolicy_gf", "varkd_gf", "cca")
+PLOTTED = ("teacher", "ce", "kd", "kd_cont", "ce_cont", "seqkd", "onpolicy", "varkd", "varkd_sampled", "varkd_all", "taid",
+           "kd_gf", "seqkd_gf", "onpolicy_gf", "varkd_gf", "taid_gf", "cca")
 SPEC_CFG = 2.0  # the drafts and the comparison image: the scale the teacher is best at
 # the students that draft for the teacher (bench.speculative_speed): one image per call, gamma 4
-DRAFTS = ("ce", "kd", "kd_cont", "seqkd", "onpolicy", "varkd", "kd_gf", "varkd_gf", "cca")
+DRAFTS = ("ce", "kd", "kd_cont", "seqkd", "onpolicy", "varkd", "taid", "kd_gf", "varkd_gf", "cca")
 SPECULATIVE = [("spec_acceptance", "drafts accepted", 3), ("spec_codes_per_call", "codes per teacher call", 2),
                ("spec_speed_up", "speed-up", 2), ("spec_draft_cost", "draft cost per call", 2)]
 

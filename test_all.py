@@ -4,6 +4,7 @@
 
 Tests that train on Fashion-MNIST need the data (apt-get install dataset-fashion-mnist).
 """
+import argparse
 import ast
 import contextlib
 import copy
@@ -996,6 +997,30 @@ def test_kd_of_identical_logits_is_zero_and_scales_with_tau_squared():
     assert torch.allclose(distill.kd_loss(s, t, tau=2.0), kl(t / 2, s / 2).mean() * 4, atol=1e-6)
 
 
+def test_taid_at_t_1_is_kd_at_t_0_nothing_and_its_t_rises_on_the_line_or_faster():
+    s, t = random_logits(2, 4, 9, seed=6).requires_grad_(), random_logits(2, 4, 9, seed=7)
+    assert torch.equal(distill.taid_loss(s, t, 1.0), distill.kd_loss(s, t, 1.0))
+    zero = distill.taid_loss(s, t, 0.0)
+    zero.backward()
+    assert zero == 0 and s.grad.abs().max() < 1e-7  # the target is the student itself, held fixed
+    mid = (1 - 0.5) * s.detach() + 0.5 * t  # the interpolated logits, the student's held fixed
+    assert torch.allclose(distill.taid_loss(s, t, 0.5), kl(mid, s).mean(), atol=1e-6)
+    args = distill.runs.get_args(["--method", "taid", "--max-iters", "100"])
+    assert (args.taid_t_start, args.taid_alpha, args.taid_beta, args.init) == (0.4, 5e-4, 0.99, "out/kd/ckpt.pt")
+    state = {"t": 0.4, "prev": None, "momentum": 0.0}
+    state = distill.taid_step(state, 3.0, 0, args)
+    assert state == {"t": 0.4, "prev": 3.0, "momentum": 0.0}  # the first step only records its loss
+    ts = []
+    for step in range(1, 100):  # a falling loss
+        state = distill.taid_step(state, 3.0 - 0.01 * step, step, args)
+        ts.append(state["t"])
+    assert all(b >= a for a, b in zip(ts, ts[1:])) and ts[-1] <= 1.0 and state["momentum"] > 0
+    assert all(t_ >= 0.4 + 0.6 * step / 100 - 1e-12 for step, t_ in enumerate(ts, 1))  # never below the line
+    fast = argparse.Namespace(**{**vars(args), "taid_alpha": 0.5})
+    quick = distill.taid_step({"t": 0.4, "prev": 3.0, "momentum": 1.0}, 2.9, 1, fast)
+    assert quick["t"] > 0.4 + 0.6 / 100 + 0.1  # the adaptive part: a falling loss pushes t above the line
+
+
 def test_varkd_with_one_group_per_code_no_weights_and_full_mask_is_reverse_kl():
     s, t = random_logits(2, 6, 8, seed=3), random_logits(2, 6, 8, seed=4)
     ones = torch.ones(2, 6)
@@ -1301,6 +1326,29 @@ def tiny_teacher(trained_setup):
     path = trained_setup / "teacher_tiny.pt"
     run_distill(trained_setup, "--max-iters", "40", "--lr", "3e-3", "--warmup", "5", "--out", str(path))
     return path
+
+
+@pytest.mark.slow
+def test_a_taid_run_resumed_after_an_interruption_ends_with_the_weights_and_t_of_one_that_never_stopped(
+        trained_setup, tiny_teacher, monkeypatch):
+    common = ["--method", "taid", "--teacher", str(tiny_teacher), "--init", "none", "--max-iters", "6",
+              "--ckpt-interval", "3", "--warmup", "1", "--lr", "3e-3"]
+    whole = run_distill(trained_setup, *common, "--out", str(trained_setup / "taid_whole.pt"))
+    step, real = [0], distill.taid_step
+    def stopped_in_step_4(*a):
+        step[0] += 1
+        if step[0] == 5:
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(distill, "taid_step", stopped_in_step_4)
+    part = trained_setup / "taid_part.pt"
+    with pytest.raises(SystemExit, match="keeps step 3: the same command with --resume"):
+        run_distill(trained_setup, *common, "--out", str(part))
+    monkeypatch.undo()
+    resumed = run_distill(trained_setup, *common, "--out", str(part), "--resume")
+    a, b = (torch.load(p, weights_only=True) for p in (trained_setup / "taid_whole.pt", part))
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    assert resumed["taid"] == whole["taid"] and 0.4 < whole["taid"]["t"] <= 1  # t was kept with the weights
 
 
 @pytest.mark.slow
