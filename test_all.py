@@ -16,6 +16,7 @@ import http.server
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import struct
@@ -88,6 +89,30 @@ def test_imports_point_one_way_and_only_the_tools_and_tests_import_distill():
     assert {n for n, deps in graph.items() if "distill" in deps} <= {"study", "bench", "diagnose", "test_all"}
     assert graph["runs"] <= {"checks", "data", "model", "tokenizer"} and not graph["checks"]
     assert graph["data"] <= {"checks"} and graph["model"] <= {"checks"}
+
+
+def github_anchor(heading):
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_docs_code_pointers_name_their_lines_and_every_link_resolves():
+    here = Path(__file__).resolve().parent
+    anchors = {doc: {github_anchor(h) for h in re.findall(r"^#+ (.+)$", (here / doc).read_text(), re.M)}
+               for doc in ("README.md", "RESULTS.md")}
+    pointers = 0
+    for doc in anchors:
+        text = (here / doc).read_text()
+        for name, path, line in re.findall(r"\[`(\w+)`\]\((\w+\.py)#L(\d+)\)", text):  # [`kd_loss`](distill.py#L66)
+            source = (here / path).read_text().split("\n")
+            assert re.match(rf"(def|class) {name}\b", source[int(line) - 1]), f"{doc}: {name} is not at {path}:{line}"
+            pointers += 1
+        for target, anchor in re.findall(r"\]\(([\w.]*)#([\w-]+)\)", text):
+            if not target.endswith(".py"):
+                assert anchor in anchors[target or doc], f"{doc}: no heading for the link {target}#{anchor}"
+        for path in re.findall(r"\]\(((?:assets|weights|results)/[^)#]+)\)", text):
+            assert (here / path).exists(), f"{doc} links to {path}, which is not in the repository"
+    assert pointers >= 10  # the README's methods point at their code
 
 
 # ---------------------------------------------------------------------------------------- data
