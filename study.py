@@ -40,29 +40,29 @@ from distill import train
 from evaluate import cfg_plot, draw, table
 from model import compile_decode, load_checkpoint
 
-# name, method, flags (after its method's tuned setting), what it is, the paper's ImageNet FID (LlamaGen-L -> B; Table 1 and Table 2)
+# name, method, flags (after its method's tuned setting), what it is
 ROWS = [
-    ("kd_cont", "kd", [], "kd continued (control)", None),
-    ("ce_cont", "ce", [], "ce continued, no teacher (control)", None),
-    ("seqkd", "seqkd", [], "SeqKD: teacher samples", 5.08),
-    ("onpolicy", "onpolicy", [], "GKD: mixed prefixes, lambda 0.1, JSD 0.5", 4.94),
+    ("kd_cont", "kd", [], "kd continued (control)"),
+    ("ce_cont", "ce", [], "ce continued, no teacher (control)"),
+    ("seqkd", "seqkd", [], "SeqKD: teacher samples"),
+    ("onpolicy", "onpolicy", [], "GKD: mixed prefixes, lambda 0.1, JSD 0.5"),
     ("onpolicy_all", "onpolicy", ["--supervise", "all", "--prefix-frac", "0.25,0.75"],
-     "GKD with JSD on the real prefix too", None),
+     "GKD with JSD on the real prefix too"),
     ("varkd_rkl", "varkd", ["--no-entropy-weights", "--no-truncation", "--no-groups", "--no-parallel"],
-     "mixed rollouts, reverse KL only", None),
+     "mixed rollouts, reverse KL only"),
     ("varkd_rkl_all", "varkd", ["--no-entropy-weights", "--no-truncation", "--no-groups", "--no-parallel",
-                                "--supervise", "all", "--prefix-frac", "0.25,0.75"], "the same, reverse KL on the prefix too", None),
-    ("varkd_entropy", "varkd", ["--no-groups", "--no-parallel"], "+ entropy weights, truncation", 4.66),
-    ("varkd_groups", "varkd", ["--no-parallel"], "+ codebook relaxation", 4.60),
-    ("varkd", "varkd", [], "+ parallel rollouts = VarKD", 4.58),
+                                "--supervise", "all", "--prefix-frac", "0.25,0.75"], "the same, reverse KL on the prefix too"),
+    ("varkd_entropy", "varkd", ["--no-groups", "--no-parallel"], "+ entropy weights, truncation"),
+    ("varkd_groups", "varkd", ["--no-parallel"], "+ codebook relaxation"),
+    ("varkd", "varkd", [], "+ parallel rollouts = VarKD"),
     ("varkd_sampled", "varkd", ["--supervise", "sampled", "--prefix-frac", "0.25,0.75"],
-     "VarKD, the sampled codes only", None),
-    ("varkd_all", "varkd", ["--supervise", "all", "--prefix-frac", "0.25,0.75"], "VarKD, reverse KL on the prefix too", None),
-    ("varkd_lam0.5", "varkd", ["--lam", "0.5"], "VarKD, rollouts on half the steps", None),
-    ("varkd_lam0.1", "varkd", ["--lam", "0.1"], "VarKD, rollouts on a tenth of the steps (GKD's)", None),
-    ("taid", "taid", [], "TAID: a target from the student to the teacher, t 0.4 -> 1", None),
+     "VarKD, the sampled codes only"),
+    ("varkd_all", "varkd", ["--supervise", "all", "--prefix-frac", "0.25,0.75"], "VarKD, reverse KL on the prefix too"),
+    ("varkd_lam0.5", "varkd", ["--lam", "0.5"], "VarKD, rollouts on half the steps"),
+    ("varkd_lam0.1", "varkd", ["--lam", "0.1"], "VarKD, rollouts on a tenth of the steps (GKD's)"),
+    ("taid", "taid", [], "TAID: a target from the student to the teacher, t 0.4 -> 1"),
 ]
-STAGE1 = [("ce", "no-KD student", 6.51), ("kd", "stage-1 KD", 4.92)]
+STAGE1 = [("ce", "no-KD student"), ("kd", "stage-1 KD")]
 # the tuning, the same for every method: its row of ROWS is tried with each learning rate, and the
 # methods with rollouts with each reading of a rollout's real prefix: teacher-forced KD on it, or
 # nothing on it but rollouts that sometimes start from the class alone (a prefix from 0)
@@ -80,13 +80,13 @@ HELD_OUT = ("test_nll", "test_kl", "wall_time", "teacher_seqs")  # the others: a
 # tuned), CCA beside them, all from the no-KD student, judged at CFG 1: a student that samples in one
 # pass per code, against the no-KD student at CFG 2 (two passes)
 GF_ROWS = [
-    ("ce_cont", "ce", [], "ce continued, no teacher (control)", None),
-    ("kd_gf", "kd", [], "kd, the guided teacher's target", None),
-    ("seqkd_gf", "seqkd", [], "SeqKD, the guided teacher's samples and target", None),
-    ("onpolicy_gf", "onpolicy", [], "GKD, the guided teacher's target", None),
-    ("varkd_gf", "varkd", [], "VarKD, the guided teacher's target", None),
-    ("taid_gf", "taid", [], "TAID, the guided teacher's target", None),
-    ("cca", "cca", [], "CCA (Chen et al. 2024), no teacher", None),
+    ("ce_cont", "ce", [], "ce continued, no teacher (control)"),
+    ("kd_gf", "kd", [], "kd, the guided teacher's target"),
+    ("seqkd_gf", "seqkd", [], "SeqKD, the guided teacher's samples and target"),
+    ("onpolicy_gf", "onpolicy", [], "GKD, the guided teacher's target"),
+    ("varkd_gf", "varkd", [], "VarKD, the guided teacher's target"),
+    ("taid_gf", "taid", [], "TAID, the guided teacher's target"),
+    ("cca", "cca", [], "CCA (Chen et al. 2024), no teacher"),
 ]
 GF_TUNED = {"ce": "ce_cont", "kd": "kd_gf", "seqkd": "seqkd_gf", "onpolicy": "onpolicy_gf", "varkd": "varkd_gf",
             "taid": "taid_gf", "cca": "cca"}
@@ -147,7 +147,7 @@ def study_runs(args, seed, winners):
     kd = stage1(args, seed, base)
     return [("kd", kd)] * (args.plan["start"] == "kd") + [
         (name, stage2(args, seed, kd, method, [*winners.get(method, []), *flags], f"{base}/{name}/ckpt.pt"))
-        for name, method, flags, _, _ in args.plan["rows"] if name in args.rows]
+        for name, method, flags, _ in args.plan["rows"] if name in args.rows]
 
 
 def candidates(method, plan):
@@ -168,7 +168,7 @@ def tune(args, tokenizer, splits):
     if plan["start"] == "kd":
         print(f"\n== tuning, validation seed {seed}: stage-1 KD ==")
         train(kd, tokenizer, splits)
-    rows = {name: (method, flags) for name, method, flags, _, _ in plan["rows"]}
+    rows = {name: (method, flags) for name, method, flags, _ in plan["rows"]}
     methods = {rows[name][0] for name in args.rows}  # the methods of the rows asked for are tuned
     tuned = {method: row for method, row in plan["tuned"].items() if method in methods}
     tried = {}  # (method, candidate) -> run
@@ -341,14 +341,14 @@ def summarise(lines, seeds, args, winners):
     continued, or ce continued: the same number of steps) by more than the larger of the two spreads;
     the KL to the teacher and the NLL per grid row beside its starting point's."""
     plan = args.plan
-    parents = [(n, what, fid) for n, what, fid in STAGE1 if n == "ce" or plan["start"] == "kd"]
-    info = {"teacher": ("teacher", None, "ce", [])} | {n: (what, fid, n, []) for n, what, fid in parents}
-    info |= {n: (what, fid, method, [*winners.get(method, []), *flags]) for n, method, flags, what, fid in plan["rows"]
+    parents = [(n, what) for n, what in STAGE1 if n == "ce" or plan["start"] == "kd"]
+    info = {"teacher": ("teacher", "ce", [])} | {n: (what, n, []) for n, what in parents}
+    info |= {n: (what, method, [*winners.get(method, []), *flags]) for n, method, flags, what in plan["rows"]
              if n in args.rows}
     rows = []
-    for name, (what, paper, method, flags) in info.items():
+    for name, (what, method, flags) in info.items():
         at = lambda s: [lines[(name, seed)]["cfg"][s] for seed in seeds]
-        row = {"name": name, "what": what, "method": method, "flags": flags, "paper_fid": paper, "seeds": seeds,
+        row = {"name": name, "what": what, "method": method, "flags": flags, "seeds": seeds,
                "steps": lines[(name, seeds[0])]["steps"], "fid_by_cfg": {}}
         if args.eval_samples > 0:
             row["fid_by_cfg"] = {str(s): mean_std([f["FID-cls"] for f in at(s)]) for s in args.eval_cfg}
@@ -398,12 +398,11 @@ def results_markdown(results):
     rows, scales = results["rows"], results["eval_cfg"]
     label = lambda r: r["name"] if r["what"] == r["name"] else f"{r['name']} ({r['what']})"
     control = results["control"]
-    head = ["model", "steps", "paper FID", "best CFG"] + [label for _, label, _ in FIGURES] + ["gap closed", f"beats {control}"]
+    head = ["model", "steps", "best CFG"] + [label for _, label, _ in FIGURES] + ["gap closed", f"beats {control}"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         beats = {True: "yes", False: "no"}.get(r.get("beats_control"), "")
-        paper = "" if r["paper_fid"] is None else f"{r['paper_fid']:.2f}"
-        cells = [label(r), str(r["steps"]), paper, f"{r['best_cfg']:g}" if "best_cfg" in r else "-"]
+        cells = [label(r), str(r["steps"]), f"{r['best_cfg']:g}" if "best_cfg" in r else "-"]
         cells += [cell(r[key], d, {"wall_time": 1 / 60, "teacher_seqs": 1e-3}.get(key, 1)) if key in r else "-"
                   for key, _, d in FIGURES]
         out.append("| " + " | ".join(cells + [cell(r["gap_closure"], 2) if "gap_closure" in r else "-", beats]) + " |")
@@ -419,8 +418,7 @@ def results_markdown(results):
                f"per code on the test split; teacher seqs: sequences the teacher scored or sampled, in thousands (a "
                f"CFG sample counts twice); gap closed = (FID_ce - FID_m) / (FID_ce - FID_teacher) per seed, each at its "
                f"best scale; beats {control}: mean FID-cls lower than {control} by more than the larger std; img/s: "
-               f"images sampled per second at 64 and at 1 per call (guidance doubles each call). Paper "
-               f"FID: ImageNet 256, LlamaGen-L -> B, Inception features.")
+               f"images sampled per second at 64 and at 1 per call (guidance doubles each call).")
     if scales and "fid_by_cfg" in rows[0] and rows[0]["fid_by_cfg"]:
         out += ["", "| model | " + " | ".join(f"FID-cls at CFG {s:g}" for s in scales) + " |", "|---|" + "---:|" * len(scales)]
         for r in rows:
