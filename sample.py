@@ -1,12 +1,14 @@
 """
 Sampling from a GPT: classifier-free guidance, temperature, top-k, top-p, with or without KV cache;
-speculative sampling with a distilled student as the draft (exact, or LANTERN's relaxed acceptance);
+speculative sampling with a distilled student as the draft (exact, or LANTERN's relaxed acceptance), or
+with none (speculative Jacobi decoding, exact, or GSD's grouped acceptance);
 writes a PNG grid with one row per class. (The mixed rollouts of on-policy KD and VarKD live in
 distill.py, beside the losses they feed.)
 
     python sample.py                                          # the shipped teacher -> out/weights/teacher_samples.png
     python sample.py --ckpt out/varkd/ckpt.pt                 # -> out/varkd/ckpt_samples.png
     python sample.py --draft out/varkd/ckpt.pt --gamma 4      # speculative, for the shipped teacher
+    python sample.py --gsd                                    # the teacher drafting for itself (GSD)
     python sample.py --ckpt c2i_B_256.pt --preset B --tokenizer vq_ds16_c2i.pt --classes 207,360,387
 """
 import argparse
@@ -182,11 +184,15 @@ def relax(probs, drafted, groups, delta):
     return out.scatter_add(1, drafted[:, None], moved)
 
 
-def accepted_drafts(p, q, drafted, generator=None):
+def accepted_drafts(p, q, drafted, generator=None, clusters=None):
     """p, q (B, g, V): the target's and the draft's probabilities at g drafted positions, drafted
     (B, g) codes -> (B,) the drafts each row keeps before its first rejection, draft d kept with
-    probability min(1, p(d) / q(d))."""
-    p_d, q_d = p.gather(-1, drafted[..., None])[..., 0], q.gather(-1, drafted[..., None])[..., 0]
+    probability min(1, p(d) / q(d)); with clusters (B, g, V) boolean, the codes accepted in d's place
+    (GSD), min(1, p(G) / q(G)) over its cluster G instead."""
+    if clusters is None:
+        p_d, q_d = p.gather(-1, drafted[..., None])[..., 0], q.gather(-1, drafted[..., None])[..., 0]
+    else:
+        p_d, q_d = (p * clusters).sum(-1), (q * clusters).sum(-1)
     u = torch.rand(drafted.shape, generator=generator, device=drafted.device)
     return (u * q_d < p_d).long().cumprod(1).sum(1)
 
@@ -296,6 +302,65 @@ def speculative_generate(target, draft, labels, gamma=4, cfg_scale=1.0, temperat
     return codes, counts
 
 
+def gsd_clusters(p, drafted, groups, threshold):
+    """GSD's dynamic cluster of each drafted code d (So et al. 2025): d and the codes of its codebook
+    group (near-duplicates) whose target probability is within `threshold` of d's, the codes the
+    target finds as valid as d here. p (B, g, V), drafted (B, g) -> (B, g, V) boolean."""
+    p_d = p.gather(-1, drafted[..., None])  # (B, g, 1)
+    same = groups[None, None, :] == groups[drafted][..., None]  # (B, g, V)
+    cluster = same & ((p - p_d).abs() < threshold)
+    return cluster.scatter(-1, drafted[..., None], True)
+
+
+@torch.no_grad()
+def jacobi_generate(model, labels, window=8, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, generator=None,
+                    groups=None, threshold=0.0):
+    """Speculative Jacobi decoding (Teng et al. 2024): the model drafts for itself, no draft model.
+    labels (B,) -> codes (B, T) distributed as generate(model, ...), and counts {"drafted", "accepted",
+    "target_calls", "length"}.
+
+    Every position holds a draft and the distribution q it was drawn from: uniform at first. Each call
+    decodes the last committed code and the next g = min(window, codes left - 1) drafts in one pass,
+    which gives the model's p at each of them; drafts are tested left to right as in speculative
+    sampling (accepted_drafts), the batch advances by m + 1 codes (next_after_drafts), and every draft
+    after the cut is redrawn from this call's p, its q for the next call (the Jacobi step: a draft's
+    context improves with each call). Exact: each draft is drawn from its q independently of the tests
+    before it. GSD (So et al. 2025): with groups and threshold > 0 a draft is accepted for its cluster
+    (gsd_clusters), min(1, p(G)/q(G)): more codes per call, no longer exact."""
+    T, B, V = model.config.block_size, len(labels), model.config.vocab_size
+    rows, both = guided_rows(labels, cfg_scale, model.config.num_classes)
+    probs = lambda raw: filtered_probs(guide(raw, cfg_scale).flatten(0, 1), temperature, top_k, top_p).view(  # noqa: E731
+        B, raw.shape[1], -1)
+    q = torch.full((B, T, V), 1.0 / V, device=labels.device)  # (B, T, V): each position's draft law
+    codes = torch.multinomial(q.flatten(0, 1), 1, generator=generator).view(B, T)  # drafts, then committed codes
+    counts = dict(drafted=0, accepted=0, target_calls=1, length=T)
+    with autocast(labels.device.type), kv_caches((model,), len(rows)):
+        first = model.prefill(rows, rows.new_zeros(len(rows), 0))[:, -1:]  # predicting code 0
+        t = 0
+        while t < T:
+            g = min(window, T - t - 1)
+            if t == 0:  # the prefill predicted code 0; the drafts predict the codes after them
+                raw = torch.cat([first, model.decode(both(codes[:, :g]), 0)], 1) if g else first
+            else:  # the last committed code, then the drafts
+                raw = model.decode(both(codes[:, t - 1:t + g]), t - 1)
+            counts["target_calls"] += int(t > 0 or g > 0)
+            p, drafted = probs(raw), codes[:, t:t + g]  # (B, g + 1, V): predicting codes t..t+g
+            n = torch.zeros(B, dtype=torch.long, device=codes.device)
+            if g:
+                clusters = gsd_clusters(p[:, :g], drafted, groups, threshold) if threshold > 0 else None
+                n = accepted_drafts(p[:, :g], q[:, t:t + g], drafted, generator, clusters)
+                counts["drafted"] += int((n + 1).clamp(max=g).sum())
+                counts["accepted"] += int(n.sum())
+            m = int(n.min())
+            codes[:, t + m] = next_after_drafts(p, q[:, t:t + g], n, m, drafted, generator)
+            later = p[:, m + 1:]  # the drafts after the cut, redrawn from this call's predictions
+            if later.shape[1]:
+                q[:, t + m + 1:t + g + 1] = later
+                codes[:, t + m + 1:t + g + 1] = torch.multinomial(later.flatten(0, 1), 1, generator=generator).view(B, -1)
+            t += m + 1
+    return codes, counts
+
+
 def speculative_figures(*counts):
     """Acceptance rate (drafts accepted / drafts tested) and codes per target call and sequence
     (plain sampling: 1.0, one call per code), over the counts of one or more speculative_generate calls."""
@@ -313,12 +378,18 @@ def main(argv=None):
     p.add_argument("--draft", help="a smaller GPT on the same codes, e.g. out/varkd/ckpt.pt: speculative sampling, "
                    "the same images' distribution in fewer calls of --ckpt (default: none)")
     p.add_argument("--draft-preset", choices=list(PRESETS), help="model shape of a LlamaGen --draft")
+    p.add_argument("--gsd", action="store_true", help="speculative Jacobi decoding, no draft model: --ckpt drafts for "
+                   "itself, --gamma codes ahead, with GSD's grouped acceptance (--gsd-threshold) (default: off)")
+    p.add_argument("--gsd-threshold", type=fraction, default=0.15, help="--gsd: a drafted code is accepted for the "
+                   "codes of its codebook group whose probability is within this of its own, in [0, 1]; 0 = exact "
+                   "speculative Jacobi decoding (default: 0.15, the authors')")
     p.add_argument("--gamma", type=positive_int, default=4, help="codes drafted per round, >= 1 (default: 4)")
     p.add_argument("--relax-delta", type=fraction, default=0.0,
                    help="LANTERN's relaxed acceptance: up to this much probability moved onto a drafted code "
                         "from its codebook group, in [0, 1]; 0 = exact (default: 0)")
     p.add_argument("--batch-size", type=positive_int, help="images per call, >= 1 (default: all at once; with --draft: 1)")
-    p.add_argument("--groups", type=positive_int, help="codebook groups of --relax-delta, 1 to |V| (default: |V|/4, as VarKD)")
+    p.add_argument("--groups", type=positive_int, help="codebook groups of --relax-delta and --gsd, 1 to |V| (default: "
+                   "|V|/4, as VarKD)")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="model shape, needed only for LlamaGen checkpoints (default: from the checkpoint)")
     p.add_argument("--tokenizer", help="tokenizer checkpoint that decodes the codes (default: the shipped one, "
@@ -352,10 +423,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     home = WEIGHTS if args.grid == 7 else Path(f"out/grid{args.grid}")
     args.ckpt, args.tokenizer = args.ckpt or str(home / "teacher.pt"), args.tokenizer or str(home / "tokenizer.pt")
-    idle = [flag for flag, given in (("--relax-delta", args.relax_delta), ("--groups", args.groups),
+    idle = [flag for flag, given in (("--relax-delta", args.relax_delta), ("--groups", args.groups and not args.gsd),
                                      ("--draft-preset", args.draft_preset)) if given]
     if idle and not args.draft:
         p.error(f"{', '.join(idle)} only apply to speculative sampling: pass --draft CKPT, or drop them")
+    if args.gsd and args.draft:
+        p.error("--gsd decodes without a draft model: pass --gsd or --draft CKPT, not both")
     if args.npz and not args.npz.endswith(".npz"):
         p.error(f"--npz {args.npz}: name it .npz (numpy would add the suffix and write elsewhere)")
     out = Path(args.out) if args.out else beside(args.ckpt).with_name(Path(args.ckpt).stem + "_samples.png")
@@ -383,30 +456,36 @@ def draw_and_save(args, out):
     start = time.perf_counter()
     filters = dict(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    generator=generator)
-    if args.draft:
-        draft = load_checkpoint(args.draft, args.draft_preset, tokenizer.cfg.grid_size, tokenizer.fingerprint)
-        draft = compile_decode(draft.to(args.device), args.decode)
+    if args.draft or args.gsd:
         if args.groups and args.groups > config.vocab_size:
             raise SystemExit(f"--groups {args.groups} is more than the {config.vocab_size} codes: pass 1 to "
                              f"{config.vocab_size}")
-        groups = tokenizer.codebook_groups(args.groups or config.vocab_size // 4).to(args.device) \
-            if args.relax_delta else None
+        grouped = args.relax_delta > 0 or (args.gsd and args.gsd_threshold > 0)
+        groups = tokenizer.codebook_groups(args.groups or config.vocab_size // 4).to(args.device) if grouped else None
+        if args.gsd:
+            sampler = lambda chunk: jacobi_generate(model, chunk, args.gamma, **filters, groups=groups,  # noqa: E731
+                                                    threshold=args.gsd_threshold)
+            how = f"speculative Jacobi, {args.gamma} codes ahead" + (f", GSD threshold {args.gsd_threshold}" if grouped else "")
+        else:
+            draft = load_checkpoint(args.draft, args.draft_preset, tokenizer.cfg.grid_size, tokenizer.fingerprint)
+            draft = compile_decode(draft.to(args.device), args.decode)
+            sampler = lambda chunk: speculative_generate(model, draft, chunk, args.gamma, **filters,  # noqa: E731
+                                                         groups=groups, delta=args.relax_delta)
+            how = f"speculative, gamma {args.gamma}" + (f", relaxed delta {args.relax_delta}" if args.relax_delta else "")
         # the rows of a batch advance together, by the shortest run of accepted drafts: speculative
         # sampling is a latency method, one image at a time unless --batch-size says otherwise
         codes, counts = [], []
         for chunk in tqdm(labels.split(args.batch_size or 1), desc="speculative", leave=False):
             try:
-                c, n = speculative_generate(model, draft, chunk, args.gamma, **filters, groups=groups,
-                                            delta=args.relax_delta)
+                c, n = sampler(chunk)
             except ValueError as e:
                 raise SystemExit(f"{args.draft}: {e}") from None
             codes.append(c)
             counts.append(n)
         codes, figures = torch.cat(codes), speculative_figures(*counts)
-        print(f"speculative, gamma {args.gamma}{f', relaxed delta {args.relax_delta}' if args.relax_delta else ''}: "
-              f"{figures['acceptance']:.1%} of drafted codes accepted, {figures['codes_per_call']:.2f} codes per "
-              f"call of the target ({sum(c['target_calls'] for c in counts)} calls and "
-              f"{sum(c['draft_calls'] for c in counts)} of the draft "
+        drafts = f" and {sum(c['draft_calls'] for c in counts)} of the draft" if args.draft else ""
+        print(f"{how}: {figures['acceptance']:.1%} of drafted codes accepted, {figures['codes_per_call']:.2f} codes "
+              f"per call of the target ({sum(c['target_calls'] for c in counts)} calls{drafts} "
               f"for {len(labels)} x {config.block_size} codes)")
     else:
         codes = torch.cat([generate(model, chunk, **filters, kv_cache=not args.no_kv_cache)
@@ -421,7 +500,7 @@ def draw_and_save(args, out):
         atomic_write(args.npz, lambda tmp: np.savez(tmp, images, labels.cpu().numpy()))
         print(f"wrote {args.npz}: {len(images)} samples; score them with python evaluate.py {args.npz}")
     print(f"wrote {out}: {len(images)} images at {len(images) / seconds:.1f} images/s")
-    return figures if args.draft else None
+    return figures if args.draft or args.gsd else None
 
 
 if __name__ == "__main__":

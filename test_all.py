@@ -779,9 +779,10 @@ def test_with_the_target_as_its_own_draft_every_draft_is_accepted():
 
 
 @torch.no_grad()
-def test_speculative_samples_follow_the_targets_exact_distribution():
+def enumerable_law():
+    """Two random models that disagree, on 3 codes and a 2x2 grid (all 81 sequences enumerable), the
+    filters they sample with, and a chi-square p-value of samples against the target's exact law."""
     from scipy.stats import chisquare
-    # 3 codes, 2x2 grid: all 81 sequences enumerable; two random models that disagree
     target, draft = (tiny_model(seed, vocab_size=3, grid_size=2, num_classes=2) for seed in (0, 1))
     for model in (target, draft):
         torch.nn.init.normal_(model.output.weight, std=0.3)
@@ -798,7 +799,12 @@ def test_speculative_samples_follow_the_targets_exact_distribution():
         if counts[~support].sum():  # a sequence the target never draws
             return 0.0
         return chisquare(counts[support].double(), exact[support] / exact.sum() * len(codes)).pvalue
+    return target, draft, filters, p_value
 
+
+@torch.no_grad()
+def test_speculative_samples_follow_the_targets_exact_distribution():
+    target, draft, filters, p_value = enumerable_law()
     g, n = torch.Generator().manual_seed(0), 2000
     # batches of 1 to 40 rows, so that rows are cut short by their batch's shortest accepted run (a
     # batch of 1 never is), with gamma 2 and 3 (rounds with every draft kept, then the target's code)
@@ -813,6 +819,37 @@ def test_speculative_samples_follow_the_targets_exact_distribution():
     assert p_value(samples) > 1e-3
     # the same test tells the draft's own samples apart: it has the power to fail
     assert p_value(generate(draft, torch.zeros(n, dtype=torch.long), **filters, generator=g)) < 1e-6
+
+
+@torch.no_grad()
+def test_speculative_jacobi_decoding_draws_the_models_own_distribution():
+    target, draft, filters, p_value = enumerable_law()
+    g, n, samples, totals = torch.Generator().manual_seed(0), 2000, [], dict(accepted=0, drafted=0, target_calls=0)
+    # batches of 1 to 40 rows (rows cut short by their batch's shortest accepted run), windows of 1 to 3
+    for i, size in enumerate(itertools.islice(itertools.cycle([1, 4, 16, 40]), 4 * n // 61 + 4)):
+        codes, counts = sample.jacobi_generate(target, torch.zeros(size, dtype=torch.long), window=1 + i % 3,
+                                               **filters, generator=g)
+        samples.append(codes)
+        totals = {k: totals[k] + counts[k] for k in totals}
+    assert 0.1 < totals["accepted"] / totals["drafted"] < 0.95  # drafts are kept, and rejected, often
+    assert p_value(torch.cat(samples)[:n]) > 1e-3
+    assert p_value(generate(draft, torch.zeros(n, dtype=torch.long), **filters, generator=g)) < 1e-6  # the power to fail
+
+
+@torch.no_grad()
+def test_gsd_grouping_accepts_more_drafts_and_keeps_the_outputs_shape():
+    model, groups = tiny_model(0), torch.arange(64) // 16
+    labels, g = torch.arange(5).repeat(4), lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    plain, counts = sample.jacobi_generate(model, labels, window=4, generator=g())
+    same, _ = sample.jacobi_generate(model, labels, window=4, generator=g(), groups=groups, threshold=0.0)
+    assert torch.equal(plain, same)  # threshold 0: no grouping, exact speculative Jacobi decoding
+    grouped, grouped_counts = sample.jacobi_generate(model, labels, window=4, generator=g(), groups=groups, threshold=0.3)
+    rate = lambda c: c["accepted"] / c["drafted"]  # noqa: E731
+    assert rate(grouped_counts) > rate(counts) + 0.05 and grouped_counts["target_calls"] < counts["target_calls"]
+    assert grouped.shape == plain.shape == (20, 16) and 0 <= grouped.min() and grouped.max() < 64
+    clusters = sample.gsd_clusters(torch.tensor([[[0.3, 0.25, 0.05, 0.4]]]), torch.tensor([[0]]),
+                                   torch.tensor([0, 0, 0, 1]), 0.1)
+    assert clusters.tolist() == [[[True, True, False, False]]]  # its group, within 0.1 of its probability
 
 
 @torch.no_grad()
@@ -1460,6 +1497,12 @@ def test_sample_cli_draws_speculatively_and_prints_the_acceptance(trained_setup,
     save_tiny(other, tiny_model(1, vocab_size=256, num_classes=5, grid_size=7))
     with pytest.raises(SystemExit, match="other.pt: the draft predicts 7x7 codes of 256, 5 classes"):
         sample.main(common + ["--draft", str(other)])
+    capsys.readouterr()
+    figures = sample.main(common + ["--gsd", "--gamma", "4", "--out", str(tmp_path / "c.png")])  # no draft model
+    assert figures["codes_per_call"] > 1 and "speculative Jacobi, 4 codes ahead, GSD threshold 0.15" in capsys.readouterr().out
+    assert Image.open(tmp_path / "c.png").size == (3 * 28 + 4 * 2, 2 * 28 + 3 * 2)
+    with pytest.raises(SystemExit):  # argparse's error: one or the other
+        sample.main(common + ["--gsd", "--draft", str(other)])
 
 
 @pytest.mark.slow
