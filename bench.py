@@ -35,7 +35,7 @@ import tokenizer as tok
 from checks import existing_device, positive_int, ranged
 from data import WEIGHTS
 from model import GPT, PRESETS, GPTConfig, autocast, compile_decode, load_checkpoint
-from sample import generate, speculative_figures, speculative_generate, timed
+from sample import generate, jacobi_generate, speculative_figures, speculative_generate, timed
 
 
 @torch.no_grad()
@@ -92,6 +92,11 @@ def main():
     p.add_argument("--spec-images", type=positive_int, default=50, help="--speculative: images per figure, >= 1 (default: 50)")
     p.add_argument("--relax-delta", default="0", help="--speculative: LANTERN's relaxed acceptance budgets, "
                    "comma-separated, 0 = exact (default: 0)")
+    p.add_argument("--gsd", action="store_true", help="only sampling with no draft model (speculative Jacobi, GSD) "
+                   "against the teacher alone and the student as its draft: speed eager and compiled, FID-cls")
+    p.add_argument("--gsd-threshold", type=ranged(float, 0.0, 1.0), default=0.15, help="--gsd: GSD's probability "
+                   "threshold, in [0, 1] (default: 0.15)")
+    p.add_argument("--gsd-samples", type=ranged(int, 4), default=5000, help="--gsd: samples per FID-cls, >= 4 (default: 5000)")
     p.add_argument("--decode", action="store_true", help="only eager against compiled decoding: codes/s at batch 1 "
                    "and --batch-size, a rollout, speculative sampling at batch 1 (the shipped teacher and student)")
     p.add_argument("--gpu-check", action="store_true", help="only the GPU figures: LlamaGen-B steps from an -L "
@@ -104,6 +109,8 @@ def main():
         return speculative(args, device)
     if args.decode:
         return decode(args, device)
+    if args.gsd:
+        return gsd(args, device)
     if args.gpu_check:
         return gpu_check(device)
     B = args.batch_size
@@ -212,6 +219,55 @@ def speculative(args, device):
             for name, f in figures.items():
                 print(f"{name:>9} {gamma:>6} {delta:>6} {batch:>6} {f['acceptance']:>8.1%} {f['codes_per_call']:>11.2f} "
                       f"{len(labels) / f['seconds']:>7.1f} {f['speed_up']:>8.2f}x {f['draft_cost']:>10.2f}x")
+
+
+def gsd(args, device):
+    """Sampling with no draft model (sample.jacobi_generate: speculative Jacobi decoding, exact, and
+    GSD's grouped acceptance) against the teacher alone and the shipped student drafting for it: the
+    shipped teacher (--grid 14: the 14x14 tree under --out-dir), CFG 2, codes per teacher call,
+    drafts accepted and images/s at one image per call and at --batch-size, eager and compiled, then
+    FID-cls of --gsd-samples samples of each sampler (eager, --batch-size per call)."""
+    home = WEIGHTS if args.grid == 7 else Path(args.out_dir) / f"grid{args.grid}"
+    tokenizer = tok.load_tokenizer(home / "tokenizer.pt")
+    teacher = load_checkpoint(home / "teacher.pt", tokenizer=tokenizer.fingerprint).to(device)
+    student = load_checkpoint(home / "student.pt" if args.grid == 7 else home / "ce" / "ckpt.pt",
+                              tokenizer=tokenizer.fingerprint).to(device)
+    groups = tokenizer.codebook_groups(teacher.config.vocab_size // 4).to(device)
+    gamma = int(args.gamma.split(",")[0])
+    samplers = {  # each: (model, labels, cfg_scale, generator) -> (codes, counts or None)
+        "teacher": lambda m, y, s, generator: (generate(m, y, s, generator=generator), None),
+        "draft": lambda m, y, s, generator: speculative_generate(m, student, y, gamma, s, generator=generator),
+        "jacobi": lambda m, y, s, generator: jacobi_generate(m, y, gamma, s, generator=generator),
+        "gsd": lambda m, y, s, generator: jacobi_generate(m, y, gamma, s, generator=generator, groups=groups,
+                                                           threshold=args.gsd_threshold),
+    }
+    classes = teacher.config.num_classes
+    labels = torch.arange(args.spec_images, device=device) % classes
+    print(f"device {device}, {torch.get_num_threads()} threads, {teacher.config.block_size} codes, {len(labels)} images "
+          f"per figure, CFG 2.0, gamma {gamma}, GSD threshold {args.gsd_threshold}; draft: the shipped student")
+    print(f"{'sampler':>8} {'decode':>9} {'batch':>6} {'accepted':>9} {'codes/call':>11} {'img/s':>8} {'vs teacher':>11}")
+    for mode in ("eager", "compiled"):
+        compile_decode(teacher, mode)
+        compile_decode(student, mode)
+        for batch in (1, args.batch_size):
+            speed = {}
+            for name, sampler in samplers.items():
+                run = lambda: [sampler(teacher, chunk, 2.0, torch.Generator(device).manual_seed(i))[1]  # noqa: E731
+                               for i, chunk in enumerate(labels.split(batch))]
+                run()  # every shape compiled (and cached) before the figure
+                t0 = time.perf_counter()
+                counts = run()
+                speed[name] = len(labels) / (time.perf_counter() - t0)
+                f = speculative_figures(*counts) if counts[0] else dict(acceptance=float("nan"), codes_per_call=1.0)
+                print(f"{name:>8} {mode:>9} {batch:>6} {f['acceptance']:>8.1%} {f['codes_per_call']:>11.2f} "
+                      f"{speed[name]:>8.1f} {speed[name] / speed['teacher']:>10.2f}x")
+    compile_decode(teacher, "eager")
+    compile_decode(student, "eager")
+    for name, sampler in samplers.items():
+        images, drawn = evaluate.draw(teacher, tokenizer, args.gsd_samples, 2.0, args.batch_size,
+                                      sampler=lambda *a, **k: sampler(*a, **k)[0])
+        fid = evaluate.evaluate_images(images, drawn, "cls", args.out_dir, "data", device=device)["FID-cls"]
+        print(f"{name:>8}: FID-cls {fid:.2f} on {args.gsd_samples} samples")
 
 
 def decode(args, device):

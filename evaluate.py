@@ -165,15 +165,16 @@ def reference(extractor, images, cache_dir, device="cpu"):
 
 
 @torch.no_grad()
-def draw(model, tokenizer, n, cfg_scale=2.0, batch_size=500, seed=0, rank=0, world=1):
+def draw(model, tokenizer, n, cfg_scale=2.0, batch_size=500, seed=0, rank=0, world=1, sampler=generate):
     """n class-balanced samples of a checkpoint: uint8 images (n, H, W, C) and their labels (n,);
-    under torchrun, this rank's share of them (every world-th, its own random stream)."""
+    under torchrun, this rank's share of them (every world-th, its own random stream). sampler:
+    generate() or another with its arguments (bench.py scores speculative samplers' output)."""
     device = next(model.parameters()).device
     labels = (torch.arange(n, device=device) % model.config.num_classes)[rank::world]
     g = torch.Generator(device).manual_seed(seed + 1_000_003 * rank)
     grid, images = model.config.grid_size, []
     for i in tqdm(range(0, len(labels), batch_size), desc="sampling", leave=False, disable=rank > 0):
-        codes = generate(model, labels[i:i + batch_size], cfg_scale, generator=g)
+        codes = sampler(model, labels[i:i + batch_size], cfg_scale, generator=g)
         codes = codes.view(-1, grid, grid).to(next(tokenizer.parameters()).device)
         images.append(torch.as_tensor(tokenizer.decode(codes)).cpu())
     return torch.cat(images).numpy(), labels.cpu().numpy()
