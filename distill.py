@@ -43,7 +43,7 @@ import runs
 from checks import check_output, output_lock
 from data import batch_indices
 from evaluate import held_figures, held_out, table
-from model import autocast
+from model import GPT, autocast, compile_decode
 from sample import generate
 
 # ------------------------------------------------------------------------------------------------
@@ -300,27 +300,28 @@ def cca_loss(gap, negative_gap, unconditional, beta=0.02, lam=1000.0):
 # One step of one method, then the loop.
 
 
-def method_loss(args, step_fn, model, teacher, codes, labels, groups, g, taid_t=None):
-    """One step of one method: where its contexts come from, then which divergence. step_fn is the
-    model as trained (DDP and torch.compile wrap it), model the raw one (its rollouts use the KV
-    cache); teacher is the teacher (for cca, the frozen reference); codes (B, T) are data (or, for
-    seqkd, teacher samples), labels after label dropout; g is the step's random generator; taid_t
+def method_loss(args, trained, student, teacher, codes, labels, groups, g, taid_t=None):
+    """One step of one method: where its contexts come from, then which divergence. trained: the
+    student as trained (DDP and torch.compile wrap it), its forward pass the one with gradients;
+    student: the same model unwrapped, whose KV cache the rollouts decode with; teacher: the teacher
+    (cca: the frozen reference); codes (B, T): data (seqkd: teacher samples); labels (B,): after label
+    dropout; groups: the codebook groups (varkd), or None; g: the step's random generator; taid_t:
     TAID's t at this step (default: --taid-t-start)."""
     if args.method == "cca":  # teacher is the frozen reference, the starting model
-        null = model.config.num_classes
+        null = student.config.num_classes
         other = (labels + torch.randint(1, null, labels.shape, generator=g, device=g.device).to(labels.device)) % null
         negative = torch.where(labels == null, labels, other)  # any other class; a dropped label stays null
         both, twice = torch.cat([labels, negative]), torch.cat([codes, codes])
         with torch.no_grad():
             ref = sequence_logp(teacher(twice, both), twice)
-        gap, negative_gap = (sequence_logp(step_fn(twice, both), twice) - ref).chunk(2)
+        gap, negative_gap = (sequence_logp(trained(twice, both), twice) - ref).chunk(2)
         return cca_loss(gap, negative_gap, labels == null, args.cca_beta, args.cca_lambda)
     sampled = torch.zeros_like(codes, dtype=torch.bool)  # (B, T): the positions the student wrote
     rollout = args.method in ("onpolicy", "varkd") and torch.rand(1, generator=g, device=g.device).item() < args.lam
     if rollout:
         window = 0 if args.method != "varkd" or args.no_parallel else args.window
-        codes, sampled = mixed_rollout(model, codes, labels, args.prefix_frac, g, window)
-    logits = step_fn(codes, labels)  # (B, T, V)
+        codes, sampled = mixed_rollout(student, codes, labels, args.prefix_frac, g, window)
+    logits = trained(codes, labels)  # (B, T, V)
     if args.method == "ce":
         return F.cross_entropy(logits.flatten(0, 1), codes.flatten())
     with torch.no_grad():
@@ -376,60 +377,124 @@ def kept(args, saved, diverged=True):
     return f"{args.out} keeps step {saved}: the same command with --resume continues from it"
 
 
+def step_seed(args, step, stream=None):
+    """The seed of a step's random choices, a pure function of (--seed, step, stream), so a resumed
+    run draws what an uninterrupted one would. stream None: the choices made on the global batch
+    (label dropout), alike on every rank; rank + 1: that rank's rollouts; SeqKD's pools take stream
+    rank at the pseudo-steps 10^9 + pool number, clear of every real step."""
+    seed = args.seed * 1_000_003 + step
+    return seed if stream is None else seed * 1024 + stream
+
+
+def student_and_optimizer(run, device):
+    """The student a run trains, from its --init (or fresh), and its AdamW (betas 0.9/0.95, decay on
+    matrices only, as LlamaGen); a continued run's weights, optimizer state and RNG restored."""
+    model = compile_decode(GPT(run.config).to(device), run.args.decode)  # its rollouts decode with it
+    if run.init is not None:
+        model.load_state_dict(run.init.state_dict())
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # LlamaGen: no decay on norms
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": run.args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=run.args.lr, betas=(0.9, 0.95))
+    if run.ckpt is not None:
+        model.load_state_dict(run.ckpt["model"])
+        optimizer.load_state_dict(run.ckpt["optimizer"])
+        torch.set_rng_state(run.ckpt["rng"])
+    return model, optimizer
+
+
+def step_batch(args, step, model, teacher, train, pools, g, metrics):
+    """This rank's contexts of a step: its slice of the step's batch of data, label dropout drawn on
+    the global batch so that N ranks train as one process; or, for seqkd, a batch of its own pool of
+    teacher samples (pools: {pool number: pool}), redrawn every --pool-refresh steps."""
+    rank, world = runs.rank_world()
+    if args.method != "seqkd":
+        codes, labels = train[0], train[1]
+        idx = batch_indices(step, len(codes), args.batch_size, args.seed)
+        labels = model.drop_labels(labels[idx].to(g.device), g)
+        return codes[idx].to(g.device).long()[rank::world], labels[rank::world]
+    pool_id = step // args.pool_refresh
+    if pool_id not in pools:
+        pools.clear()
+        pools[pool_id] = teacher_pool(teacher, args.pool_size // world, model.config.num_classes, args.pool_cfg,
+                                      step_seed(args, 10 ** 9 + pool_id, rank))
+        metrics["teacher_seqs"] = metrics.get("teacher_seqs", 0) + args.pool_size * (1 + (args.pool_cfg != 1))
+    codes, labels = pools[pool_id]
+    idx = batch_indices(step, args.pool_size // world, args.batch_size // world, args.seed)
+    return codes[idx], model.drop_labels(labels[idx], g)
+
+
+def count_step(args, metrics, loss, codes, step, teacher):
+    """What a step adds to the run's state: TAID's next t (from the loss over every rank, so all ranks
+    agree), and the cost the paper counts, the sequences the teacher scored (a guided target: twice)."""
+    world = runs.rank_world()[1]
+    if args.method == "taid":
+        value = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(value)
+        metrics["taid"] = taid_step(metrics["taid"], value.item() / world, step, args)
+    if teacher is not None and args.method != "cca":
+        metrics["teacher_seqs"] = metrics.get("teacher_seqs", 0) + codes.shape[0] * world * (1 + (args.teacher_cfg != 1))
+
+
+def curve_point(args, model, test, teacher, done, metrics, bar):
+    """The held-out curve: test NLL and KL to the teacher on the first --eval-seqs test sequences;
+    at the last step the rest of the split too, so the run records the whole split's figures (per
+    grid row as well)."""
+    (codes, labels), n, last = test, args.eval_seqs, done == args.max_iters
+    m = held_out(model, codes[:n], labels[:n], teacher, by_row=last)
+    if last:
+        rest = held_out(model, codes[n:], labels[n:], teacher, by_row=True) if len(codes) > n else m
+        w = min(n, len(codes)) / len(codes)  # every test sequence counts once
+        metrics.update({k: (np.asarray(m[k]) * w + np.asarray(rest[k]) * (1 - w)).tolist() for k in m})
+        m = {k: v for k, v in m.items() if not k.endswith("_rows")}
+    metrics.setdefault("curve", []).append([done, *m.values()])
+    bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()) +
+              f" nats/code (first {args.eval_seqs} test sequences)")
+
+
 def train(args, tokenizer, splits, role=None):
     """One run: args.method into args.out, or reuse / continue what is there (runs.open_run). role
     names a parent the pipeline builds ('teacher', 'no-KD student', ...); None is the run asked for."""
     run = runs.open_run(args, tokenizer, splits, role)
     if run.done:
         return run.metrics
-    args, model, optimizer, teacher, metrics = run.args, run.model, run.optimizer, run.teacher, run.metrics
+    args, teacher, metrics = run.args, run.teacher, run.metrics
     rank, world = runs.rank_world()
     device = torch.device(args.device)
-    train_codes, train_labels, _ = splits["train"]
-    test_codes, test_labels = splits["test"][0].to(device), splits["test"][1].to(device)
+    model, optimizer = student_and_optimizer(run, device)
+    runs.announce(run, sum(p.numel() for p in model.parameters()))
+    test = splits["test"][0].to(device), splits["test"][1].to(device)
     groups = (tokenizer.codebook_groups(args.groups or model.config.vocab_size // 4).to(device)
               if args.method == "varkd" and not args.no_groups else None)
     if teacher is not None and run.start == 0 and rank == 0:
         # the starting student's figures, measured once (the table reads them again from its metrics.json)
-        metrics["start"] = (held_out(model, test_codes, test_labels, teacher) if args.init == "none" else
-                            held_figures(args.init, run.fingerprints["init"], run.init_measured, model, test_codes,
-                                         test_labels, teacher, run.fingerprints["teacher"], args.out_dir))
+        metrics["start"] = (held_out(model, *test, teacher) if args.init == "none" else
+                            held_figures(args.init, run.fingerprints["init"], run.init_measured, model, *test,
+                                         teacher, run.fingerprints["teacher"], args.out_dir))
         print(f"before: test NLL {metrics['start']['test_nll']:.4f}, KL(teacher || student) "
               f"{metrics['start']['test_kl']:.4f} nats/code")
-    step_fn = DDP(model) if world > 1 else model
-    step_fn = torch.compile(step_fn) if args.compile else step_fn
+    if args.method == "taid":  # TAID's t and its momentum: state of the run, kept in its checkpoint
+        metrics.setdefault("taid", {"t": args.taid_t_start, "prev": None, "momentum": 0.0})
+    trained = DDP(model) if world > 1 else model
+    trained = torch.compile(trained) if args.compile else trained
     amp = autocast(device.type)  # bf16 on GPUs (weights, optimizer and evaluation stay fp32)
     model.train()
-    t0, tokens, pool_id = time.time(), 0, None
+    t0, tokens, pools = time.time(), 0, {}
     bar = tqdm(range(run.start, args.max_iters), initial=run.start, total=args.max_iters, desc=args.method,
                disable=rank > 0)
     saved = run.start or None  # the step of the checkpoint at args.out (None: none yet)
     step = run.start
-    if args.method == "taid":  # TAID's t and its momentum: state of the run, kept in its checkpoint
-        metrics.setdefault("taid", {"t": args.taid_t_start, "prev": None, "momentum": 0.0})
     try:
         for step in bar:
             lr = lr_at(step, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # every random choice of a step is a pure function of (seed, step, rank): resumable, reproducible
-            step_seed = args.seed * 1_000_003 + step
-            g = torch.Generator(device).manual_seed(step_seed)
-            if args.method == "seqkd":  # each rank samples its own pool of teacher sequences
-                if pool_id != step // args.pool_refresh:
-                    pool_id = step // args.pool_refresh
-                    pool = teacher_pool(teacher, args.pool_size // world, model.config.num_classes, args.pool_cfg,
-                                        (args.seed * 1_000_003 + 10 ** 9 + pool_id) * 1024 + rank)
-                    metrics["teacher_seqs"] = metrics.get("teacher_seqs", 0) + args.pool_size * (1 + (args.pool_cfg != 1))
-                idx = batch_indices(step, args.pool_size // world, args.batch_size // world, args.seed)
-                codes, labels = pool[0][idx], model.drop_labels(pool[1][idx], g)
-            else:  # label dropout on the global batch, then this rank's slice: N ranks train as one process
-                idx = batch_indices(step, len(train_codes), args.batch_size, args.seed)
-                labels = model.drop_labels(train_labels[idx].to(device), g)
-                codes, labels = train_codes[idx].to(device).long()[rank::world], labels[rank::world]
-            g.manual_seed(step_seed * 1024 + rank + 1)  # this rank's own rollouts
+            g = torch.Generator(device).manual_seed(step_seed(args, step))  # the global batch's label dropout
+            codes, labels = step_batch(args, step, model, teacher, splits["train"], pools, g, metrics)
+            g.manual_seed(step_seed(args, step, rank + 1))  # this rank's own rollouts
             with amp:
-                loss = method_loss(args, step_fn, model, run.reference or teacher, codes, labels, groups, g,
+                loss = method_loss(args, trained, model, run.reference or teacher, codes, labels, groups, g,
                                    metrics.get("taid", {}).get("t"))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -439,32 +504,13 @@ def train(args, tokenizer, splits, role=None):
                 raise SystemExit(f"the loss is {loss.item()} (gradient norm {norm.item()}) at step {step}: training "
                                  f"diverged; {kept(args, saved)}")
             optimizer.step()
-            if args.method == "taid":  # the next step's t, from this step's loss over every rank: all ranks alike
-                value = loss.detach().clone()
-                if world > 1:
-                    dist.all_reduce(value)
-                metrics["taid"] = taid_step(metrics["taid"], value.item() / world, step, args)
-            tokens += codes.numel() * world
-            if teacher is not None and args.method != "cca":  # the cost the paper counts: sequences the teacher scores (or samples, above)
-                passes = 1 + (args.teacher_cfg != 1)  # a guided target scores each sequence twice
-                metrics["teacher_seqs"] = metrics.get("teacher_seqs", 0) + codes.shape[0] * world * passes
-            done = step + 1
+            count_step(args, metrics, loss, codes, step, teacher)
+            tokens, done = tokens + codes.numel() * world, step + 1
             if done % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens / (time.time() - t0):.0f}",
                                 **({"t": f"{metrics['taid']['t']:.3f}"} if "taid" in metrics else {}))
             if rank == 0 and (done % args.eval_interval == 0 or done == args.max_iters):
-                # the curve, on the first --eval-seqs test sequences at every point, the last step included;
-                # at the last step the rest of the split too, in a second pass: the whole split's figures
-                n = args.eval_seqs
-                m = held_out(model, test_codes[:n], test_labels[:n], teacher, by_row=done == args.max_iters)
-                if done == args.max_iters:
-                    rest = held_out(model, test_codes[n:], test_labels[n:], teacher, by_row=True) if len(test_codes) > n else m
-                    w = min(n, len(test_codes)) / len(test_codes)  # every test sequence counts once
-                    final = {k: (np.asarray(m[k]) * w + np.asarray(rest[k]) * (1 - w)).tolist() for k in m}
-                    m = {k: v for k, v in m.items() if not k.endswith("_rows")}
-                metrics.setdefault("curve", []).append([done, *m.values()])
-                bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()) +
-                          f" nats/code (first {args.eval_seqs} test sequences)")
+                curve_point(args, model, test, teacher, done, metrics, bar)
             if done % args.ckpt_interval == 0 or done == args.max_iters:
                 metrics["wall_time"] += time.time() - t0
                 tokens, t0 = 0, time.time()
@@ -475,8 +521,6 @@ def train(args, tokenizer, splits, role=None):
                     raise SystemExit(f"the weights are no longer finite at step {done}: training diverged; "
                                      f"{kept(args, saved)}")
                 if rank == 0:
-                    if done == args.max_iters:
-                        metrics.update(final)
                     metrics["step"] = done
                     runs.save_checkpoint(args.out, model, optimizer, done, args, run.fingerprints, metrics)
                 saved = done
@@ -487,7 +531,7 @@ def train(args, tokenizer, splits, role=None):
         dist.barrier()  # the next run of the pipeline reads this checkpoint
     if rank == 0 and "test_nll" in metrics:
         kl = f", KL(teacher || student) {metrics['test_kl']:.4f}" if "test_kl" in metrics else ""
-        print(f"done: test NLL {metrics['test_nll']:.4f}{kl} nats/code on {len(test_codes)} test images, "
+        print(f"done: test NLL {metrics['test_nll']:.4f}{kl} nats/code on {len(test[0])} test images, "
               f"{metrics['wall_time'] / 60:.1f} min of training; saved {args.out}")
     return metrics
 

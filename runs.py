@@ -21,7 +21,7 @@ import tokenizer as tok
 from checks import (check_output, count, existing_device, fraction, fraction_range, non_negative, positive,
                     positive_int, read_checkpoint, scale_list, weights_fingerprint as state_fingerprint)
 from data import WEIGHTS, atomic_write, prepare_tokens
-from model import GPT, PRESETS, GPTConfig, add_decode_flag, compile_decode, load_checkpoint
+from model import PRESETS, GPTConfig, add_decode_flag, compile_decode, load_checkpoint
 
 METHODS = ("ce", "kd", "seqkd", "onpolicy", "varkd", "taid", "cca")
 # each method's defaults for the flags left unset (the rest of the table in the flags' help): its
@@ -338,11 +338,10 @@ def existing_run(args, fingerprints, config, role):
 
 
 def open_run(args, tokenizer, splits, role=None):
-    """Everything one run starts from: its flags (a parent's: those it was started with), the
-    fingerprints of its inputs, the teacher, the model with the weights it starts from (the
-    checkpoint at --out to continue, else --init, else fresh), its AdamW (betas 0.9/0.95, decay on
-    matrices only, as LlamaGen; a continued run's state and RNG restored), the step and the metrics. done: the checkpoint at --out is finished and
-    is reused as it is (no model is built)."""
+    """Everything one run starts from, checked: its flags (a parent's: those it was started with), the
+    fingerprints of its inputs, the teacher (cca: the frozen reference), the student it starts from
+    (init, or None: fresh), the checkpoint at --out it continues (ckpt, or None), the step and the
+    metrics. done: the checkpoint at --out is finished and is reused as it is."""
     rank, world = rank_world()
     device = torch.device(args.device)
     (_, train_labels, data_fp) = splits["train"]
@@ -379,8 +378,8 @@ def open_run(args, tokenizer, splits, role=None):
     if ckpt is not None and role is not None:  # a parent runs with the flags it was started with
         args = argparse.Namespace(**{**vars(args), **{k: ckpt["args"].get(k, RECIPE_SINCE.get(k)) for k in RECIPE}})
     run = SimpleNamespace(args=args, config=config, fingerprints=fingerprints, teacher=teacher, reference=reference, done=False,
-                          model=None, optimizer=None, start=0, metrics={"wall_time": 0.0},
-                          init_measured=init_measured)
+                          init=init, ckpt=ckpt, start=0, metrics={"wall_time": 0.0}, init_measured=init_measured,
+                          role=role)
     if ckpt is not None and ckpt["step"] >= args.max_iters:
         if rank == 0:
             print(f"{role or args.method} {args.out}: built ({args.method}, {ckpt['step']} steps), reusing it")
@@ -390,24 +389,21 @@ def open_run(args, tokenizer, splits, role=None):
         raise SystemExit(f"--groups {args.groups} is more than the {config.vocab_size} codes: pass 1 to {config.vocab_size}")
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} does not split over {world} processes: pass a multiple of {world}")
-    run.model = compile_decode(GPT(config).to(device), args.decode)  # the rollouts decode with it
-    if init is not None:
-        run.model.load_state_dict(init.state_dict())
-    decay = [p for p in run.model.parameters() if p.dim() >= 2]  # LlamaGen: no decay on norms
-    no_decay = [p for p in run.model.parameters() if p.dim() < 2]
-    run.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
-    n_params = sum(p.numel() for p in run.model.parameters())
+    if ckpt is not None:
+        run.start, run.metrics = ckpt["step"], ckpt["metrics"]
+    return run
+
+
+def announce(run, n_params):
+    """What a run is about to do, in one line: continue, or train (with its time on 2 CPU cores)."""
+    args, role, config = run.args, run.role, run.config
+    if rank_world()[0] > 0:
+        return
     what = (f"{args.method}, {args.size} model ({n_params / 1e6:.2f}M parameters), {args.max_iters} steps of "
             f"{args.batch_size} sequences x {config.block_size} codes -> {args.out}")
-    if ckpt is not None:
-        run.model.load_state_dict(ckpt["model"])
-        run.optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
-        run.start, run.metrics = ckpt["step"], ckpt["metrics"]
-        if rank == 0:
-            print(f"{args.out} stopped at step {run.start}: continuing it ({what})")
-    elif rank == 0:
+    if run.ckpt is not None:
+        print(f"{args.out} stopped at step {run.start}: continuing it ({what})")
+    else:
         stage = "teacher" if role == "teacher" else args.method
         # the figures are the 7x7 grid's; at 14x14 a step costs several times more: no estimate
         default = (args.size == ("teacher" if role == "teacher" else "student") and args.batch_size == 128
@@ -415,7 +411,6 @@ def open_run(args, tokenizer, splits, role=None):
         minutes = MINUTES.get(stage, 0) * args.max_iters / 1000
         about = f", about {minutes:.0f} minutes on 2 CPU cores" if default and minutes else ""
         print(f"no {role} at {args.out}: training one ({what}{about})" if role else f"{what}{about}")
-    return run
 
 
 def weights_fingerprint(model):
