@@ -74,6 +74,13 @@ def guide(logits, cfg_scale):
     return uncond + cfg_scale * (cond - uncond)
 
 
+def guided_probs(raw, cfg_scale, temperature=1.0, top_k=0, top_p=1.0):
+    """Raw logits of guided_rows' rows at L positions (B or 2B, L, V) -> the guided, filtered
+    probabilities (B, L, V) a speculative sampler tests drafts against."""
+    logits = guide(raw, cfg_scale)
+    return filtered_probs(logits.flatten(0, 1), temperature, top_k, top_p).view(logits.shape)
+
+
 @torch.no_grad()
 def generate(model, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, generator=None,
              kv_cache=True):
@@ -256,8 +263,7 @@ def speculative_generate(target, draft, labels, gamma=4, cfg_scale=1.0, temperat
     if draft is target:  # each needs its own KV cache
         draft = copy.deepcopy(target)
     rows, both = guided_rows(labels, cfg_scale, target.config.num_classes)
-    probs = lambda raw: filtered_probs(guide(raw, cfg_scale).flatten(0, 1), temperature, top_k, top_p).view(  # noqa: E731
-        B, raw.shape[1], -1)  # raw logits (B or 2B, L, V) -> guided, filtered probabilities (B, L, V)
+    probs = lambda raw: guided_probs(raw, cfg_scale, temperature, top_k, top_p)  # noqa: E731
     codes = torch.zeros(B, T, dtype=torch.long, device=labels.device)
     counts = dict(drafted=0, accepted=0, target_calls=1, draft_calls=1, length=T)
     with autocast(labels.device.type), kv_caches((target, draft), len(rows)):  # bf16 on GPUs
@@ -329,8 +335,7 @@ def jacobi_generate(model, labels, window=8, cfg_scale=1.0, temperature=1.0, top
     (gsd_clusters), min(1, p(G)/q(G)): more codes per call, no longer exact."""
     T, B, V = model.config.block_size, len(labels), model.config.vocab_size
     rows, both = guided_rows(labels, cfg_scale, model.config.num_classes)
-    probs = lambda raw: filtered_probs(guide(raw, cfg_scale).flatten(0, 1), temperature, top_k, top_p).view(  # noqa: E731
-        B, raw.shape[1], -1)
+    probs = lambda raw: guided_probs(raw, cfg_scale, temperature, top_k, top_p)  # noqa: E731
     q = torch.full((B, T, V), 1.0 / V, device=labels.device)  # (B, T, V): each position's draft law
     codes = torch.multinomial(q.flatten(0, 1), 1, generator=generator).view(B, T)  # drafts, then committed codes
     counts = dict(drafted=0, accepted=0, target_calls=1, length=T)
