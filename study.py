@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw
 
 import runs
 from checks import count, int_list, positive_int
-from data import CLASSES, atomic_write
+from data import CLASSES, WEIGHTS, atomic_write
 from bench import speculative_speed
 from distill import train
 from evaluate import cfg_plot, draw, table
@@ -161,40 +161,57 @@ def candidates(method, plan):
 
 def tune(args, tokenizer, splits):
     """Every tuned method's grid on the validation seed, measured at every guidance scale; returns
-    {method: the winner's flags} and writes out/study/tuning.md/.json. Resumable as the study is."""
+    {method: the winner's flags} and writes out/study/tuning.md/.json. Each candidate is measured as
+    soon as it is trained and its figures kept in tune<seed>/lines.json, which stands for its
+    checkpoint once that is gone: a tuning stopped anywhere, or run in pieces on other machines,
+    continues where it stopped."""
     seed, base, plan = args.tune_seed, f"{study_dir(args)}/tune{args.tune_seed}", args.plan
     rule_cfg = plan["rule_cfg"]
     kd = stage1(args, seed, base)
-    if plan["start"] == "kd":
-        print(f"\n== tuning, validation seed {seed}: stage-1 KD ==")
-        train(kd, tokenizer, splits)
     rows = {name: (method, flags) for name, method, flags, _ in plan["rows"]}
     methods = {rows[name][0] for name in args.rows}  # the methods of the rows asked for are tuned
     tuned = {method: row for method, row in plan["tuned"].items() if method in methods}
-    tried = {}  # (method, candidate) -> run
+    path = Path(base) / "lines.json"
+    settings = json.loads(json.dumps(seed_settings(args, seed)))
+    saved = read_lines(path, settings)
+    measure = argparse.Namespace(**{**vars(args), "seed": seed, "by_row": True})
+    lines, started = {}, False  # the candidates' table lines; whether stage 1 is trained
     for method, row in tuned.items():
         for cand, flags in candidates(method, plan).items():
-            print(f"\n== tuning, validation seed {seed}: {row} {cand} ==")
-            run = stage2(args, seed, kd, method, [*flags, *rows[row][1]], f"{base}/{row}_{cand}/ckpt.pt")
+            name, flags = f"{row}_{cand}", [*flags, *rows[row][1]]
+            run = stage2(args, seed, kd, method, flags, f"{base}/{name}/ckpt.pt")
+            if saved["flags"].get(name) == flags and name in saved["lines"] and not Path(run.out).exists():
+                lines[method, cand] = saved["lines"][name]  # measured before, its checkpoint elsewhere
+                continue
+            if plan["start"] == "kd" and not started:
+                print(f"\n== tuning, validation seed {seed}: stage-1 KD ==")
+                train(kd, tokenizer, splits)
+                started = True
+            print(f"\n== tuning, validation seed {seed}: {name} ==")
             train(run, tokenizer, splits)
-            tried[method, cand] = run
+            if runs.rank_world()[0] > 0:
+                continue
+            lines[method, cand] = table([run.out], tokenizer, *splits["test"][:2], measure)[run.out]
+            saved["lines"][name], saved["flags"][name] = lines[method, cand], flags
+            atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(saved, indent=1)))
     if runs.rank_world()[0] > 0:
         return None
-    lines = table([r.out for r in tried.values()], tokenizer, *splits["test"][:2],
-                  argparse.Namespace(**{**vars(args), "seed": seed, "by_row": True}))
     rule = (f"lowest FID-cls at CFG {rule_cfg:g}" if rule_cfg else "lowest FID-cls at the best scale of the guidance grid")
-    result, md = {"seed": seed, "rule": rule, "methods": {}}, []
-    score = lambda m: m["cfg"][rule_cfg]["FID-cls"] if rule_cfg else m["FID-cls"]
+    out = study_dir(args)
+    # the methods tuned before, by another call with other rows, stay beside these
+    result = json.loads((out / "tuning.json").read_text()) if (out / "tuning.json").exists() else {}
+    if (result.get("seed"), result.get("rule")) != (seed, rule):
+        result = {"seed": seed, "rule": rule, "methods": {}}
     for method, row in tuned.items():
-        scores = {cand: lines[tried[method, cand].out] for cand in candidates(method, plan)}
-        winner = min(scores, key=lambda c: score(scores[c]))
+        scores = {cand: {"best_cfg": m["best_cfg"], "FID-cls": m["FID-cls"],
+                         "by_cfg": {str(float(s)): f["FID-cls"] for s, f in m["cfg"].items()}}
+                  for cand in candidates(method, plan) for m in [lines[method, cand]]}
+        winner = min(scores, key=lambda c: scores[c]["by_cfg"][str(rule_cfg)] if rule_cfg else scores[c]["FID-cls"])
         result["methods"][method] = {"row": row, "winner": winner, "flags": candidates(method, plan)[winner],
-                                     "candidates": {c: {"best_cfg": m["best_cfg"], "FID-cls": m["FID-cls"],
-                                                        "by_cfg": {str(s): f["FID-cls"] for s, f in m["cfg"].items()}}
-                                                    for c, m in scores.items()}}
-        for cand, m in scores.items():
-            by = " | ".join(f"{m['cfg'][s]['FID-cls']:.2f}" for s in args.eval_cfg)
-            md.append(f"| {row} | {cand} | {by} | {m['FID-cls']:.2f} at {m['best_cfg']:g} | {'**winner**' if cand == winner else ''} |")
+                                     "candidates": scores}
+    md = [f"| {r['row']} | {cand} | " + " | ".join(f"{m['by_cfg'][str(s)]:.2f}" for s in args.eval_cfg) +
+          f" | {m['FID-cls']:.2f} at {m['best_cfg']:g} | {'**winner**' if cand == r['winner'] else ''} |"
+          for r in result["methods"].values() for cand, m in r["candidates"].items()]
     head = ("| row | setting | " + " | ".join(f"FID-cls at CFG {s:g}" for s in args.eval_cfg) +
             " | best | |\n|---|---|" + "---:|" * len(args.eval_cfg) + "---|---|")
     start = f"the same stage-1 KD (seed {seed})" if plan["start"] == "kd" else "the no-KD student"
@@ -204,11 +221,10 @@ def tune(args, tokenizer, splits):
             ("Readings: prefix-kd = teacher-forced KD on a rollout's real prefix U[0.25, 0.75]; prefix0 = nothing on "
              "the prefix, which is U[0, 0.75].\n" if plan["readings"] else
              "S: the teacher's guidance in the target (--teacher-cfg); lam: CCA's lambda.\n"))
-    out = study_dir(args)
     atomic_write(out / "tuning.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     atomic_write(out / "tuning.md", lambda tmp: Path(tmp).write_text(text))
     print("\n" + text)
-    return {m: r["flags"] for m, r in result["methods"].items()}
+    return {m: r["flags"] for m, r in result["methods"].items() if m in tuned}
 
 
 def run(args, tokenizer, splits, seeds):
@@ -226,27 +242,29 @@ def run(args, tokenizer, splits, seeds):
     lines = {}  # (name, seed) -> the table line of that model
     for seed in seeds:
         seed_runs = study_runs(args, seed, winners)
-        kept = kept_lines(args, seed, winners, seed_runs)
-        if kept is not None:  # measured before, its checkpoints elsewhere: the figures stand for them
-            print(f"\n== study, seed {seed}: the figures of {kept[0]}, measured with these settings ==")
-            lines.update({(name, seed): line for name, line in kept[1].items()})
+        path = study_dir(args) / f"seed{seed}" / "lines.json"
+        saved, kept = kept_lines(args, seed, path, winners, seed_runs)
+        lines.update({(name, seed): line for name, line in kept.items()})
+        todo = [(name, r) for name, r in seed_runs if name not in kept]
+        if not todo and {"teacher", "ce"} <= set(kept):
+            print(f"\n== study, seed {seed}: the figures of {path}, measured with these settings ==")
             continue
         for name, r in seed_runs:
-            print(f"\n== study, seed {seed}: {name} ==")
-            train(r, tokenizer, splits)
+            if name not in kept or (name == "kd" and todo):  # stage-1 KD: the start of what is trained
+                print(f"\n== study, seed {seed}: {name} ==")
+                train(r, tokenizer, splits)
         if rank > 0:  # rank 0 measures and writes
             continue
         # sampled with the seed of the runs (the teacher and the no-KD student too: their rows show
         # the sampling noise alone)
-        measured = table([args.teacher, student] + [r.out for _, r in seed_runs], tokenizer, *splits["test"][:2],
+        todo = [(name, argparse.Namespace(out=out)) for name, out in (("teacher", args.teacher), ("ce", student))
+                if name not in kept] + todo
+        measured = table([r.out for _, r in todo], tokenizer, *splits["test"][:2],
                          argparse.Namespace(**{**vars(args), "seed": seed, "by_row": True}))
-        lines[("teacher", seed)] = measured[args.teacher]
-        seed_runs = [("ce", argparse.Namespace(out=student))] + seed_runs
-        spec = speculative(args, tokenizer, seed_runs, seed)
-        lines.update({(name, seed): {**measured[r.out], **spec.get(name, {})} for name, r in seed_runs})
-        path = study_dir(args) / f"seed{seed}" / "lines.json"
-        saved = {"settings": seed_settings(args, seed, winners),
-                 "lines": {name: line for (name, s), line in lines.items() if s == seed}}
+        spec = speculative(args, tokenizer, [(n, r) for n, r in todo if n != "teacher"], seed)
+        for name, r in todo:
+            lines[(name, seed)] = saved["lines"][name] = {**measured[r.out], **spec.get(name, {})}
+            saved["flags"][name] = row_flags(args, winners).get(name, [])
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(saved, indent=1)))
     if rank > 0:
         return None
@@ -269,28 +287,52 @@ def run(args, tokenizer, splits, seeds):
     return results
 
 
-def seed_settings(args, seed, winners):
-    """What a seed's figures depend on besides the code: lines.json is reused only with the same."""
-    return {"seed": seed, "plan": args.plan["dir"], "grid": args.grid, "rows": args.rows, "winners": winners, "kd_iters": args.kd_iters,
+def seed_settings(args, seed):
+    """What every figure of a seed depends on besides the code and its row's flags."""
+    return {"seed": seed, "plan": args.plan["dir"], "grid": args.grid, "kd_iters": args.kd_iters,
             "study_iters": args.study_iters, "eval_samples": args.eval_samples, "eval_cfg": args.eval_cfg,
-            "teacher": args.teacher}
+            "teacher": shipped_name(args.teacher)}
 
 
-def kept_lines(args, seed, winners, seed_runs):
-    """A seed measured on another machine or in an earlier checkout: out/study/seed<s>/lines.json (its
-    table lines, written once the seed is measured) stands for its checkpoints when all of them are
-    absent and it was measured with the same settings (one lost checkpoint is trained again).
-    Returns (path, {name: line}) or None (train and measure)."""
-    path = study_dir(args) / f"seed{seed}" / "lines.json"
-    if not path.exists() or any(Path(r.out).exists() for _, r in seed_runs):
-        return None
+def shipped_name(path):
+    """A path as lines.json records it: a shipped file by its place in the repository, so that a clone
+    anywhere reads the same settings; any other as given."""
+    path = Path(path).resolve()
+    return str(path.relative_to(WEIGHTS.parent)) if path.is_relative_to(WEIGHTS.resolve()) else str(path)
+
+
+def row_flags(args, winners):
+    """{row name: the flags it trains with} for every row of the plan: its method's tuned setting, then its own."""
+    return {name: [*winners.get(method, []), *flags] for name, method, flags, _ in args.plan["rows"]}
+
+
+def read_lines(path, settings):
+    """A lines.json: {"settings", "lines": {name: table line}, "flags": {name: flags}}, or an empty one
+    when there is none; one written with other settings is refused."""
+    if not path.exists():
+        return {"settings": settings, "lines": {}, "flags": {}}
     saved = json.loads(path.read_text())
-    if saved.get("settings") != json.loads(json.dumps(seed_settings(args, seed, winners))):
-        raise SystemExit(f"{path} was measured with other settings ({saved.get('settings')}) and its checkpoints are "
-                         f"gone: delete it to train seed {seed} again, or pass the settings it names")
-    for line in saved["lines"].values():
+    old = saved.get("settings")
+    if old != settings:
+        raise SystemExit(f"{path} was measured with other settings ({old}) than these ({settings}): delete it to "
+                         f"measure again, or pass the settings it names")
+    return {"settings": settings, "lines": saved["lines"], "flags": saved.get("flags", {})}
+
+
+def kept_lines(args, seed, path, winners, seed_runs):
+    """A seed measured on another machine or in an earlier checkout: out/study/seed<s>/lines.json (its
+    table lines, written each time models of the seed are measured) stands for the checkpoints that
+    are absent, row by row, where the row was trained with the same flags; a row whose checkpoint is
+    here is measured from it. Returns (the file's content to add to, {name: kept line})."""
+    saved = read_lines(path, json.loads(json.dumps(seed_settings(args, seed))))
+    flags = {"teacher": [], "ce": [], "kd": [], **json.loads(json.dumps(row_flags(args, winners)))}
+    here = {name for name, r in seed_runs if Path(r.out).exists()}
+    kept = {name: line for name, line in saved["lines"].items()
+            if name not in here and saved["flags"].get(name, []) == flags.get(name)
+            and name in {"teacher", "ce"} | {n for n, _ in seed_runs}}
+    for line in kept.values():
         line["cfg"] = {float(s): f for s, f in line.get("cfg", {}).items()}
-    return path, saved["lines"]
+    return saved, kept
 
 
 def winner_list(text, plan):

@@ -1629,10 +1629,15 @@ def test_the_study_writes_its_results_and_resumes_without_redoing_finished_runs(
     assert len(rows["varkd"]["test_kl_rows"]) == 7 and (tmp_path / "study" / "fid_vs_cfg.png").exists()
     with Image.open(tmp_path / "study" / "compare.png") as im:
         assert im.height > (2 + len(runs)) * 28 * 2  # a row of samples per model, twice the size
-    # a study killed during seed 1's varkd: run again, only that run is trained and measured
+    # a study killed during seed 1's varkd (its checkpoint not final, its figures not recorded): run again,
+    # only that run is trained and measured
     lost = tmp_path / "study" / "seed1" / "varkd" / "ckpt.pt"
     before = torch.load(lost, weights_only=True)["fingerprint"]
     lost.unlink()
+    recorded = tmp_path / "study" / "seed1" / "lines.json"
+    saved = json.loads(recorded.read_text())
+    del saved["lines"]["varkd"]
+    recorded.write_text(json.dumps(saved))
     stamps = {p: p.stat().st_mtime_ns for p in ckpts if p != lost}
     capsys.readouterr()
     again = study.main(argv)
@@ -1643,6 +1648,13 @@ def test_the_study_writes_its_results_and_resumes_without_redoing_finished_runs(
     assert torch.load(lost, weights_only=True)["fingerprint"] == before  # the same weights: runs are reproducible
     for old, new in zip(results["rows"], again["rows"]):  # measured once: the same figures (wall time aside)
         assert old["FID-cls"] == new["FID-cls"] and old["test_nll"] == new["test_nll"], old["name"]
+    # a checkpoint deleted after its figures were recorded: they stand for it, nothing is trained
+    (tmp_path / "study" / "seed0" / "seqkd" / "ckpt.pt").unlink()
+    stamps.pop(tmp_path / "study" / "seed0" / "seqkd" / "ckpt.pt")
+    capsys.readouterr()
+    kept = study.main(argv)
+    assert not (tmp_path / "study" / "seed0" / "seqkd" / "ckpt.pt").exists()
+    assert [r["FID-cls"] for r in kept["rows"]] == [r["FID-cls"] for r in again["rows"]]
     # a few rows (the long horizon's quick look): nothing trained again, only those rows reported
     few = study.main(argv + ["--rows", "varkd,kd_cont"])
     assert [r["name"] for r in few["rows"]] == ["teacher", "ce", "kd", "kd_cont", "varkd"]
