@@ -161,8 +161,8 @@ def methods(args, device):
     print(f"\none training step, {args.teacher} -> {args.student}, batch {B}, mean of {args.method_steps} steps")
     print(f"{'method':>9} {'ms/step':>9} {'vs kd':>7}")
     times = {}
-    for method in runs.METHODS:
-        margs = runs.get_args(["--method", method, "--batch-size", str(B)])
+    for method in distill.METHODS:
+        margs = runs.get_args(["--method", method, "--batch-size", str(B)], methods=distill.METHODS)
         counter = iter(range(10 ** 9))
 
         def step():
@@ -195,7 +195,7 @@ def speculative(args, device):
     accepted run), classifier-free guidance 2 on both."""
     tokenizer = tok.load_tokenizer(WEIGHTS / "tokenizer.pt")  # every draft must share the teacher's codes
     teacher = load_checkpoint(WEIGHTS / "teacher.pt", tokenizer=tokenizer.fingerprint).to(device)
-    paths = {"ce": WEIGHTS / "student.pt", **{m: Path(f"{args.out_dir}/{m}/ckpt.pt") for m in runs.METHODS[1:]}}
+    paths = {"ce": WEIGHTS / "student.pt", **{m: Path(f"{args.out_dir}/{m}/ckpt.pt") for m in list(distill.METHODS)[1:]}}
     drafts = {m: load_checkpoint(path, tokenizer=tokenizer.fingerprint).to(device) for m, path in paths.items()
               if path.exists()}
     if not drafts:
@@ -371,7 +371,7 @@ def paper_steps(device, student="B", teacher="L", grid=16, vocab=16384, classes=
     print(f"{teacher} forward (no grad), {batch} x {grid * grid} codes: {t:.3f} s")
     print(f"{student + ' step':>14} {'batch':>6} {'s/step':>8} {'tokens/s':>10} {'peak GiB':>9} {'1st call +s':>12}")
     for method in ("ce", "kd", "varkd"):
-        margs = runs.get_args(["--method", method, "--batch-size", str(batch)])
+        margs = runs.get_args(["--method", method, "--batch-size", str(batch)], methods=distill.METHODS)
 
         def step():
             with autocast(device.type, bf16):

@@ -43,7 +43,7 @@ from tqdm import tqdm
 import runs
 from checks import positive_int
 from data import atomic_write
-from distill import group_logp, jsd, mixed_rollout
+from distill import METHODS, group_logp, jsd, mixed_rollout
 from model import compile_decode
 
 QUANTITIES = [("alpha", "alpha"), ("low", "alpha < thr"), ("kl_ts", "KL(T||S)"), ("kl_st", "KL(S||T)"),
@@ -244,7 +244,7 @@ def heat_maps(d, grid, path, scale=None):
 
 
 def main(argv=None):
-    p = runs.parser(__doc__)
+    p = runs.parser(__doc__, METHODS)
     # the kd stage's defaults: --student (alias of --init) is then the no-KD student, the shipped one
     p.set_defaults(method="kd")
     p.add_argument("--num-seqs", type=positive_int, default=2000, help="test sequences diagnosed, >= 1 (default: 2000)")

@@ -7,16 +7,8 @@
 
 Every method minimises E over contexts x_<t of D(p_T(.|x_<t), p_S(.|x_<t)); they differ in where
 the contexts come from and in D (Peruzzo et al. 2026, "Knowledge Distillation for Visual
-Autoregressive Models", arXiv 2606.06078):
-
-    method    contexts                                   D
-    ce        data                                       cross-entropy with the data code
-    kd        data (teacher-forced)                      forward KL(p_T^tau || p_S^tau) tau^2
-    seqkd     teacher samples (a pool, refreshed)        forward KL
-    onpolicy  data, or w.p. lambda a mixed rollout       generalized JSD_beta (GKD)
-    varkd     mixed rollouts: real prefix, the student   alpha_t-weighted reverse KL on the sampled
-              samples the rest                           positions, truncated after the first
-                                                         alpha_t < 0.1, over codebook groups
+Autoregressive Models", arXiv 2606.06078): the table METHODS, beside `method_loss`, names both for
+each method (ce, kd, seqkd, onpolicy = GKD, varkd, taid, cca) and holds its flags' defaults.
 
 This file reads top to bottom: the divergences and losses, where contexts come from, one step of
 one method (`method_loss`), then the loop. The main job builds what the method needs and is
@@ -297,7 +289,28 @@ def cca_loss(gap, negative_gap, unconditional, beta=0.02, lam=1000.0):
 
 
 # ------------------------------------------------------------------------------------------------
-# One step of one method, then the loop.
+# One step of one method, then the loop. The methods' defining settings, one row each: where a
+# step's contexts come from, the divergence there, the rollouts (mixed: a real prefix, then the
+# student's own codes, sequential or ZipAR's rows in parallel) and what a rollout's real prefix gets
+# (supervise); then the flags' defaults, which come from this table (runs.get_args): lam (the share
+# of steps on rollouts), beta (JSD's: 0 forward KL, 1 reverse), the start (init), steps, peak
+# learning rate, and minutes per 1000 steps on 2 CPU cores (for the messages). Every method with a
+# teacher matches teacher_target (--teacher-cfg: its logits, or its guided distribution); cca's
+# "teacher" is a frozen copy of its start. A new method is a row here plus its branch below.
+# VarKD's lam 1 and the supervision of the prefix are ours where the paper is silent: rollouts on
+# every step, and teacher-forced KD on the real prefix, whose codes the sampler also draws.
+COLUMNS = ("contexts", "divergence", "rollouts", "lam", "beta", "supervise", "init", "max_iters", "lr", "minutes")
+S, KD = "{student}", "{out_dir}/kd/ckpt.pt"  # the no-KD student; stage-1 KD, where stage 2 starts (the paper's)
+METHODS = {name: dict(zip(COLUMNS, row)) for name, row in {
+    # name      contexts              divergence                      rollouts      lam  beta supervise    init    steps  lr    min
+    "ce":       ("data",              "cross-entropy",                None,         0.0, 0.5, "all",       "none", 12000, 3e-3, 2.3),
+    "kd":       ("data",              "forward KL, tau^2-scaled",     None,         0.0, 0.5, "all",       S,      400,   1e-3, 5.5),
+    "seqkd":    ("teacher samples",   "forward KL",                   None,         0.0, 0.5, "all",       KD,     400,   1e-3, 8),
+    "onpolicy": ("data or a rollout", "generalized JSD_beta (GKD)",   "sequential", 0.1, 0.5, "prefix-kd", KD,     400,   1e-3, 6),
+    "varkd":    ("rollouts",          "alpha_t reverse KL in groups", "ZipAR",      1.0, 1.0, "prefix-kd", KD,     400,   1e-3, 8.5),
+    "taid":     ("data",              "forward KL to a t-mix",        None,         0.0, 0.5, "all",       KD,     400,   1e-3, 5.5),
+    "cca":      ("data, c and c'",    "contrast to its start",        None,         0.0, 0.5, "all",       S,      400,   1e-3, 5),
+}.items()}
 
 
 def method_loss(args, trained, student, teacher, codes, labels, groups, g, taid_t=None):
@@ -317,9 +330,10 @@ def method_loss(args, trained, student, teacher, codes, labels, groups, g, taid_
         gap, negative_gap = (sequence_logp(trained(twice, both), twice) - ref).chunk(2)
         return cca_loss(gap, negative_gap, labels == null, args.cca_beta, args.cca_lambda)
     sampled = torch.zeros_like(codes, dtype=torch.bool)  # (B, T): the positions the student wrote
-    rollout = args.method in ("onpolicy", "varkd") and torch.rand(1, generator=g, device=g.device).item() < args.lam
+    rollouts = METHODS[args.method]["rollouts"]
+    rollout = rollouts is not None and torch.rand(1, generator=g, device=g.device).item() < args.lam
     if rollout:
-        window = 0 if args.method != "varkd" or args.no_parallel else args.window
+        window = args.window if rollouts == "ZipAR" and not args.no_parallel else 0
         codes, sampled = mixed_rollout(student, codes, labels, args.prefix_frac, g, window)
     logits = trained(codes, labels)  # (B, T, V)
     if args.method == "ce":
@@ -554,14 +568,14 @@ def run_all(args, chain, rank):
         metrics = train(run, tokenizer, splits, role)
     if rank == 0:  # the main job's table: every finished model in --out-dir, each measured once
         student = runs.stage_args(args, "kd").init  # the no-KD student: the shipped one by default
-        paths = [args.teacher, student] + [f"{args.out_dir}/{m}/ckpt.pt" for m in runs.METHODS] + [args.out]
+        paths = [args.teacher, student] + [f"{args.out_dir}/{m}/ckpt.pt" for m in METHODS] + [args.out]
         table(paths, tokenizer, *splits["test"][:2], args)
     runs.teardown_ddp()
     return metrics
 
 
 def main(argv=None):
-    p = runs.parser(__doc__)
+    p = runs.parser(__doc__, METHODS)
     p.add_argument("--prepare", action="store_true", help="build the tokenizer and token caches, then stop "
                    "(ImageNet: the token extraction, over all ranks under torchrun)")
     p.add_argument("--export", nargs=2, metavar=("CKPT", "DST"), help="instead, write a finished checkpoint "

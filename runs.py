@@ -23,25 +23,8 @@ from checks import (check_output, count, existing_device, fraction, fraction_ran
 from data import WEIGHTS, atomic_write, prepare_tokens
 from model import PRESETS, GPTConfig, add_decode_flag, compile_decode, load_checkpoint
 
-METHODS = ("ce", "kd", "seqkd", "onpolicy", "varkd", "taid", "cca")
-# each method's defaults for the flags left unset (the rest of the table in the flags' help): its
-# steps (ce: the shipped student's), where it starts (the paper's two stages: kd from the no-KD
-# student, {student}: the shipped one with the shipped tokenizer; stage 2 from kd), its peak
-# learning rate (ce trains from scratch), GKD's lambda and beta, VarKD's (our choice where the
-# paper is silent: rollouts on every step; the reverse KL it writes), and what a rollout's real
-# prefix gets (prefix-kd: teacher-forced KD, since a class-conditional sampler draws those codes too)
-DEFAULTS = {
-    "ce": dict(max_iters=12000, init="none", lr=3e-3, lam=0.0, beta=0.5, supervise="all"),
-    "kd": dict(max_iters=400, init="{student}", lr=1e-3, lam=0.0, beta=0.5, supervise="all"),
-    "seqkd": dict(max_iters=400, init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=0.0, beta=0.5, supervise="all"),
-    "onpolicy": dict(max_iters=400, init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=0.1, beta=0.5, supervise="prefix-kd"),
-    "varkd": dict(max_iters=400, init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=1.0, beta=1.0, supervise="prefix-kd"),
-    "taid": dict(max_iters=400, init="{out_dir}/kd/ckpt.pt", lr=1e-3, lam=0.0, beta=0.5, supervise="all"),
-    # no teacher: a guidance-free model from the no-KD student alone, the alternative to distilling
-    "cca": dict(max_iters=400, init="{student}", lr=1e-3, lam=0.0, beta=0.5, supervise="all"),
-}
 # flags every run of one pipeline shares: the parents built for a run get them too
-SHARED = ("out_dir", "data_dir", "grid", "flip", "image_size", "tokenizer", "teacher", "teacher_preset", "teacher_size",
+SHARED = ("methods", "out_dir", "data_dir", "grid", "flip", "image_size", "tokenizer", "teacher", "teacher_preset", "teacher_size",
           "teacher_iters", "size", "batch_size", "seed", "device", "compile", "eval_interval", "eval_seqs",
           "ckpt_interval")
 # what a run's weights depend on besides its inputs: a checkpoint is reused or continued only with the same
@@ -53,17 +36,16 @@ RECIPE = ("method", "size", "max_iters", "batch_size", "lr", "min_lr_frac", "war
 RECIPE_SINCE = {"teacher_cfg": 1.0, "cca_beta": 0.02, "cca_lambda": 1000.0, "taid_t_start": 0.4, "taid_alpha": 5e-4,
                 "taid_beta": 0.99}
 ROLES = {"teacher": "teacher", "ce": "no-KD student", "kd": "stage-1 KD student"}
-# minutes per 1000 steps at the default sizes on 2 CPU cores (RESULTS.md), for the messages
-MINUTES = {"teacher": 13, "ce": 2.3, "kd": 5.5, "seqkd": 8, "onpolicy": 6, "varkd": 8.5, "taid": 5.5, "cca": 5}
+TEACHER_MINUTES = 13  # per 1000 steps at the default size on 2 CPU cores (RESULTS.md), for the messages
 
 
-def parser(description=None, eval_cfg="1,2"):
-    """Every flag of a run; eval_cfg: the guidance scales of the final table (the study's grid is wider)."""
+def parser(description=None, methods=None, eval_cfg="1,2"):
+    """Every flag of a run; methods: distill.METHODS, the table the per-method defaults come from;
+    eval_cfg: the guidance scales of the final table (the study's grid is wider)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", default="ce", choices=list(METHODS), help="ce: next-code cross-entropy "
-                   "on data (teacher, no-KD student); kd: forward KL on data; seqkd: forward KL on teacher "
-                   "samples; onpolicy: GKD on mixed rollouts; varkd; taid: forward KL to a target interpolated from the "
-                   "student to the teacher; cca: condition contrastive alignment, no teacher (default: ce)")
+    p.set_defaults(methods=methods)
+    p.add_argument("--method", default="ce", choices=list(methods), help="; ".join(
+        f"{name}: {m['divergence']} on {m['contexts']}" for name, m in methods.items()) + " (default: ce)")
     p.add_argument("--size", "--student-preset", default="student", help=f"model preset: one of "
                    f"{', '.join(PRESETS)}; 'teacher' and 'student' are the CPU defaults (default: student)")
     p.add_argument("--out", help="checkpoint path (default: out/teacher.pt for --size teacher, "
@@ -175,7 +157,7 @@ def parser(description=None, eval_cfg="1,2"):
 def get_args(argv=None, p=None, **stage):
     """Parse argv (with parser p, default parser()), then fill in what depends on the method.
     stage: values that override the parsed ones (the pipeline's parent runs)."""
-    p = p or parser()
+    p = p or parser(methods=stage["methods"])
     args = p.parse_args(argv)
     vars(args).update(stage)
     for size in (args.size, args.teacher_size):
@@ -197,7 +179,8 @@ def get_args(argv=None, p=None, **stage):
     student = f"{WEIGHTS}/student.pt" if shipped else f"{args.out_dir}/ce/ckpt.pt"
     if args.max_iters is None and args.method == "ce" and (args.out == args.teacher or args.size == args.teacher_size):
         args.max_iters = args.teacher_iters
-    for key, value in DEFAULTS[args.method].items():
+    for key in ("max_iters", "init", "lr", "lam", "beta", "supervise"):
+        value = args.methods[args.method][key]
         if getattr(args, key) is None:
             setattr(args, key, value.format(out_dir=args.out_dir, student=student) if isinstance(value, str) else value)
     if args.pool_cfg is None:
@@ -408,7 +391,7 @@ def announce(run, n_params):
         # the figures are the 7x7 grid's; at 14x14 a step costs several times more: no estimate
         default = (args.size == ("teacher" if role == "teacher" else "student") and args.batch_size == 128
                    and args.grid == 7)
-        minutes = MINUTES.get(stage, 0) * args.max_iters / 1000
+        minutes = (TEACHER_MINUTES if stage == "teacher" else args.methods[stage]["minutes"]) * args.max_iters / 1000
         about = f", about {minutes:.0f} minutes on 2 CPU cores" if default and minutes else ""
         print(f"no {role} at {args.out}: training one ({what}{about})" if role else f"{what}{about}")
 
@@ -442,6 +425,6 @@ def save_checkpoint(path, model, optimizer, step, args, fingerprints, metrics):
     """Atomically: the weights and their fingerprint, config, optimizer, step, flags, RNG state, the
     fingerprints of the inputs and the metrics so far."""
     state = {"model": model.state_dict(), "config": asdict(model.config), "optimizer": optimizer.state_dict(),
-             "step": step, "args": vars(args), "rng": torch.get_rng_state(), "fingerprints": fingerprints,
+             "step": step, "args": {k: v for k, v in vars(args).items() if k not in ("methods", "shared")}, "rng": torch.get_rng_state(), "fingerprints": fingerprints,
              "fingerprint": weights_fingerprint(model), "metrics": metrics}
     atomic_write(path, lambda tmp: torch.save(state, tmp))

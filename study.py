@@ -36,7 +36,7 @@ import runs
 from checks import count, int_list, positive_int
 from data import CLASSES, WEIGHTS, atomic_write
 from bench import speculative_speed
-from distill import train
+from distill import METHODS, train
 from evaluate import cfg_plot, draw, table
 from model import compile_decode, load_checkpoint
 
@@ -529,7 +529,7 @@ def compare_image(shown, tokenizer, path, device, decode="eager", per_class=2, s
 
 
 def main(argv=None):
-    p = runs.parser(__doc__, eval_cfg="1,1.5,2,3")  # the study's guidance grid, fixed before its runs
+    p = runs.parser(__doc__, METHODS, eval_cfg="1,1.5,2,3")  # the study's guidance grid, fixed before its runs
     p.add_argument("--seeds", type=int_list, default="0,1,2", help="comma-separated seeds >= 0, one set of runs "
                    "each (default: 0,1,2)")
     p.add_argument("--kd-iters", type=positive_int, default=400, help="stage-1 KD steps from the no-KD student, "

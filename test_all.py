@@ -104,8 +104,8 @@ def test_the_docs_code_pointers_name_their_lines_and_every_link_resolves():
     for doc in anchors:
         text = (here / doc).read_text()
         for name, path, line in re.findall(r"\[`(\w+)`\]\((\w+\.py)#L(\d+)\)", text):  # [`kd_loss`](distill.py#L66)
-            source = (here / path).read_text().split("\n")
-            assert re.match(rf"(def|class) {name}\b", source[int(line) - 1]), f"{doc}: {name} is not at {path}:{line}"
+            source = (here / path).read_text().split("\n")  # a function, a class or a table
+            assert re.match(rf"(def|class) {name}\b|{name} = ", source[int(line) - 1]), f"{doc}: {name} is not at {path}:{line}"
             pointers += 1
         for target, anchor in re.findall(r"\]\(([\w.]*)#([\w-]+)\)", text):
             if not target.endswith(".py"):
@@ -320,18 +320,18 @@ def test_the_shipped_files_load_and_reproduce_their_recorded_figures(tmp_path):
 
 
 def test_the_shipped_parents_are_the_defaults_and_another_tokenizer_builds_its_own():
-    args = distill.runs.get_args(["--method", "varkd"])
+    args = distill.runs.get_args(["--method", "varkd"], methods=distill.METHODS)
     assert Path(args.tokenizer) == data.WEIGHTS / "tokenizer.pt" and Path(args.teacher) == data.WEIGHTS / "teacher.pt"
     chain = distill.runs.pipeline(args)
     assert [(r.method, r.out) for r in chain] == [("kd", "out/kd/ckpt.pt"), ("varkd", "out/varkd/ckpt.pt")]
     assert Path(chain[0].init) == data.WEIGHTS / "student.pt" and chain[0].max_iters == 400
-    own = distill.runs.pipeline(distill.runs.get_args(["--method", "varkd", "--tokenizer", "elsewhere/tok.pt"]))
+    own = distill.runs.pipeline(distill.runs.get_args(["--method", "varkd", "--tokenizer", "elsewhere/tok.pt"], methods=distill.METHODS))
     assert [(r.method, r.out, r.init) for r in own] == [("ce", "out/teacher.pt", "none"), ("ce", "out/ce/ckpt.pt", "none"),
                                                        ("kd", "out/kd/ckpt.pt", "out/ce/ckpt.pt"),
                                                        ("varkd", "out/varkd/ckpt.pt", "out/kd/ckpt.pt")]
     assert [r.max_iters for r in own] == [3000, 12000, 400, 400]
     assert own[0].size == "teacher" and own[1].size == "student"
-    long = distill.runs.pipeline(distill.runs.get_args(["--method", "kd", "--grid", "14", "--out-dir", "o"]))
+    long = distill.runs.pipeline(distill.runs.get_args(["--method", "kd", "--grid", "14", "--out-dir", "o"], methods=distill.METHODS))
     assert [(r.method, r.out, r.tokenizer, r.grid) for r in long] == [
         ("ce", "o/grid14/teacher.pt", "o/grid14/tokenizer.pt", 14), ("ce", "o/grid14/ce/ckpt.pt", "o/grid14/tokenizer.pt", 14),
         ("kd", "o/grid14/kd/ckpt.pt", "o/grid14/tokenizer.pt", 14)]  # its own tree, the parents' runs included
@@ -581,7 +581,7 @@ def test_bf16_autocast_sampling_runs_on_a_cpu_close_to_fp32():
 def test_bf16_autocast_training_loss_is_close_to_fp32():
     student, teacher = tiny_model(0).train(), tiny_model(1)
     codes, labels = random_batch(student, B=8)
-    args = runs.get_args(["--method", "varkd", "--no-parallel"])
+    args = runs.get_args(["--method", "varkd", "--no-parallel"], methods=distill.METHODS)
     groups = torch.arange(64) // 4
     losses = []
     for bf16 in (False, True):
@@ -1048,8 +1048,8 @@ def test_gkd_on_a_mask_averages_the_masked_positions_only_and_each_method_has_it
     per = distill.jsd(torch.log_softmax(s, -1), torch.log_softmax(t, -1), 0.5)
     assert torch.allclose(distill.gkd_loss(s, t, 0.5, mask), per[mask].mean())
     assert torch.allclose(distill.gkd_loss(s, t, 0.5), per.mean()) and not torch.allclose(per[mask].mean(), per.mean())
-    assert [distill.runs.get_args(["--method", m]).supervise for m in ("onpolicy", "varkd")] == ["prefix-kd"] * 2
-    assert distill.runs.get_args(["--method", "onpolicy", "--supervise", "sampled"]).supervise == "sampled"
+    assert [distill.runs.get_args(["--method", m], methods=distill.METHODS).supervise for m in ("onpolicy", "varkd")] == ["prefix-kd"] * 2
+    assert distill.runs.get_args(["--method", "onpolicy", "--supervise", "sampled"], methods=distill.METHODS).supervise == "sampled"
 
 
 def test_kd_of_identical_logits_is_zero_and_scales_with_tau_squared():
@@ -1067,7 +1067,7 @@ def test_taid_at_t_1_is_kd_at_t_0_nothing_and_its_t_rises_on_the_line_or_faster(
     assert zero == 0 and s.grad.abs().max() < 1e-7  # the target is the student itself, held fixed
     mid = (1 - 0.5) * s.detach() + 0.5 * t  # the interpolated logits, the student's held fixed
     assert torch.allclose(distill.taid_loss(s, t, 0.5), kl(mid, s).mean(), atol=1e-6)
-    args = distill.runs.get_args(["--method", "taid", "--max-iters", "100"])
+    args = distill.runs.get_args(["--method", "taid", "--max-iters", "100"], methods=distill.METHODS)
     assert (args.taid_t_start, args.taid_alpha, args.taid_beta, args.init) == (0.4, 5e-4, 0.99, "out/kd/ckpt.pt")
     state = {"t": 0.4, "prev": None, "momentum": 0.0}
     state = distill.taid_step(state, 3.0, 0, args)
@@ -1130,7 +1130,7 @@ def prefix_setup(supervise, seed=0):
     their gradient: the supervised positions are those whose logits get one."""
     student, teacher = tiny_model(seed).train(), tiny_model(seed + 1)
     codes, labels = random_batch(student, B=6)
-    args = runs.get_args(["--method", "varkd", "--no-parallel", "--supervise", supervise, "--no-groups"])
+    args = runs.get_args(["--method", "varkd", "--no-parallel", "--supervise", supervise, "--no-groups"], methods=distill.METHODS)
     kept = {}
 
     def step_fn(c, y):
@@ -1156,7 +1156,7 @@ def test_prefix_kd_gives_every_position_a_signal_and_sampled_leaves_the_prefix_o
 def test_prefix_kd_is_forward_kl_on_the_prefix_and_weighted_reverse_kl_on_the_rest():
     student, teacher = tiny_model(0).train(), tiny_model(1)
     codes, labels = random_batch(student, B=6)
-    args = runs.get_args(["--method", "varkd", "--no-parallel", "--no-groups"])  # prefix-kd by default
+    args = runs.get_args(["--method", "varkd", "--no-parallel", "--no-groups"], methods=distill.METHODS)  # prefix-kd by default
     loss = distill.method_loss(args, student, student, teacher, codes, labels, None, torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)
     torch.rand(1, generator=g)  # the step's draw of rollout or data
@@ -1178,7 +1178,7 @@ def test_the_guided_target_is_the_teachers_own_at_scale_1_and_what_the_guided_sa
         losses = {}
         for scale, target in [(1, own), (1, lambda t, c, l, s: t(c, l)), (2, own)]:
             monkeypatch.setattr(distill, "teacher_target", target)
-            args = runs.get_args(["--method", method, "--lam", "1", "--teacher-cfg", str(scale)])
+            args = runs.get_args(["--method", method, "--lam", "1", "--teacher-cfg", str(scale)], methods=distill.METHODS)
             losses.setdefault(scale, []).append(distill.method_loss(args, student, student, teacher, codes, labels, None,
                                                                      torch.Generator().manual_seed(0)))
         assert torch.equal(*losses[1]) and not torch.allclose(losses[2][0], losses[1][0]), method
@@ -1193,10 +1193,10 @@ def test_the_guided_target_is_the_teachers_own_at_scale_1_and_what_the_guided_sa
     assert torch.allclose(target, torch.stack(drawn, 1), atol=1e-4)
     null = torch.full_like(labels, 5)  # a dropped label: the teacher's unconditional logits
     assert torch.equal(distill.teacher_target(teacher, out, null, 2.0), teacher(out, null))
-    assert runs.get_args(["--method", "seqkd", "--teacher-cfg", "3"]).pool_cfg == 3  # SeqKD samples what it is taught
+    assert runs.get_args(["--method", "seqkd", "--teacher-cfg", "3"], methods=distill.METHODS).pool_cfg == 3  # SeqKD samples what it is taught
     for method in ("ce", "cca"):
         with pytest.raises(SystemExit):
-            runs.get_args(["--method", method, "--teacher-cfg", "2"])
+            runs.get_args(["--method", method, "--teacher-cfg", "2"], methods=distill.METHODS)
 
 
 def test_cca_is_the_contrastive_loss_of_its_paper_and_separates_the_classes_it_trains_on():
@@ -1213,7 +1213,7 @@ def test_cca_is_the_contrastive_loss_of_its_paper_and_separates_the_classes_it_t
     reference = copy.deepcopy(model).requires_grad_(False)
     codes, labels = random_batch(model, B=8)
     labels[:2] = model.config.num_classes
-    args = runs.get_args(["--method", "cca"])
+    args = runs.get_args(["--method", "cca"], methods=distill.METHODS)
     g = lambda: torch.Generator().manual_seed(0)
     loss = distill.method_loss(args, model, model, reference, codes, labels, None, g())
     n_null = 2
