@@ -8,10 +8,12 @@ rest of the project: every program and module may use it.
 """
 import argparse
 import contextlib
+import errno
 import fcntl
 import hashlib
 import math
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -46,16 +48,23 @@ count = ranged(int, 0)
 positive = ranged(float, 0, low_open=True)
 non_negative = ranged(float, 0)
 fraction = ranged(float, 0, 1)
+# a seed feeds torch.Generator.manual_seed after the per-step arithmetic (distill.step_seed): it must
+# stay inside 64 bits there
+seed_int = ranged(int, 0, 2 ** 32 - 1)
+# guidance beyond this mixes the logits into infinities (and no model is sampled there)
+guidance_scale = ranged(float, 0, 100)
 
 
 def int_list(text):
-    """'0,3,5' -> [0, 3, 5] (non-negative integers)."""
+    """'0,3,5' -> [0, 3, 5] (distinct integers in [0, 2^32): ids and seeds)."""
     try:
         values = [int(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 0,3,5") from None
-    if min(values) < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} holds a negative number: pass ids >= 0")
+    if min(values) < 0 or max(values) >= 2 ** 32:
+        raise argparse.ArgumentTypeError(f"{text!r} holds a number out of range: pass ids in [0, 2^32)")
+    if len(set(values)) < len(values):
+        raise argparse.ArgumentTypeError(f"{text!r} names one value twice: pass each once")
     return values
 
 
@@ -163,6 +172,12 @@ def check_output(path, flag, force=None, kind="checkpoint"):
     replace, even with --force, and, when force is False, any existing file (force None: the
     caller decides, as distill.py does for the checkpoint it continues)."""
     path = Path(path)
+    # a name longer than the filesystem takes (the output's own with ".lock" added: the lock beside it)
+    limit = os.pathconf("/", "PC_NAME_MAX")
+    for part in [*path.parent.parts, path.name + ".lock"]:
+        if len(part.encode()) > limit:
+            raise SystemExit(f"{flag} {path}: the name {part[:24]}... is too long for the filesystem ({len(part.encode())} "
+                             f"bytes, {limit} at most, the output's own with '.lock' added): pass a shorter one")
     if path.is_dir():
         raise SystemExit(f"{flag} {path} is a folder: pass a file path")
     parent = path.parent
@@ -184,17 +199,43 @@ def check_output(path, flag, force=None, kind="checkpoint"):
         raise SystemExit(f"{flag} {path} exists: pass --force to replace it, or {flag} elsewhere")
 
 
+def os_fault(path, error):
+    """One sentence for an operating system's refusal to write `path`: what happened and what to do."""
+    path, code = Path(path), getattr(error, "errno", None)
+    free = shutil.disk_usage(next(p for p in path.parents if p.exists())).free
+    # torch.save says only that its writer failed: a disk with next to nothing free is the reason
+    if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and free < 2 ** 24):
+        return f"no space left to write {path} ({free / 1e6:.1f} MB free there): free some space, or write elsewhere"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {path}: {error.strerror.lower()}; make its folder writable, or write elsewhere"
+    if code == errno.ENAMETOOLONG:
+        return f"cannot write {path}: a name in it is too long for the filesystem; pass a shorter path"
+    if code in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
+        return f"cannot write {path}: a folder stands where a file goes, or a file where a folder goes; pass another path"
+    return f"cannot write {path} ({getattr(error, 'strerror', None) or error}): write elsewhere"
+
+
 def atomic_write(path, write):
-    """Call write(tmp_path), then move tmp_path onto path: a crash never leaves half a file. The
-    temporary name is unique per process, so two writers never share one."""
+    """Call write(tmp_path), then move tmp_path onto path: a crash, a full disk or a refused write
+    never leaves half a file and never changes what was there (an operating system's refusal ends in
+    one sentence, os_fault). The temporary name is unique per process and short whatever the name:
+    its suffix is the file's, so np.save and PIL keep it, and never empty, which torch.save refuses."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # same suffix, so np.save / PIL keep the name
+    digest = hashlib.sha256(path.name.encode()).hexdigest()[:8]
+    tmp = path.with_name(f".tmp-{os.getpid()}-{digest}{path.suffix[:16] or '.tmp'}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise SystemExit(os_fault(path, e)) from None
+    except RuntimeError as e:  # torch.save reports a failed write as a RuntimeError of its zip writer
+        if "inline_container" not in str(e) and "write" not in str(e):
+            raise
+        raise SystemExit(os_fault(path, e)) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -202,9 +243,13 @@ def output_lock(path, flag="--out"):
     """One writer per output: an advisory lock on <path>.lock holding the writer's pid. The kernel
     drops it when the process ends, however it ends (kill -9 included), so a lock is never stale."""
     lock = Path(f"{path}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise SystemExit(f"{flag} {path}: its lock {lock} cannot be made ({e.strerror.lower()}): remove what is "
+                             f"there, or pass {flag} elsewhere") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -216,8 +261,9 @@ def output_lock(path, flag="--out"):
         if os.path.exists(lock) and os.stat(lock).st_ino == os.fstat(fd).st_ino:
             break
         os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
+    with contextlib.suppress(OSError):  # the pid is for the message of a second writer; a full disk may refuse it
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
     try:
         yield
     finally:

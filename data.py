@@ -245,16 +245,25 @@ def load_cache(prefix):
         codes, labels = np.load(f"{prefix}.codes.npy", mmap_mode="r"), np.load(f"{prefix}.labels.npy")
     except (OSError, ValueError, EOFError) as e:
         raise SystemExit(f"token cache {prefix}.* is damaged ({e}): delete {prefix}.* to rebuild it") from None
-    if list(codes.shape) != meta["shape"] or len(labels) != len(codes):
+    if list(codes.shape) != meta["shape"] or labels.shape != codes.shape[:1]:
         raise SystemExit(f"token cache {prefix}.* is damaged (codes {codes.shape}, labels {labels.shape}, recorded "
                          f"{meta['shape']}): delete {prefix}.* to rebuild it")
+    if not (np.issubdtype(codes.dtype, np.integer) and np.issubdtype(labels.dtype, np.integer)):
+        raise SystemExit(f"token cache {prefix}.* holds codes of {codes.dtype} and labels of {labels.dtype}, not "
+                         f"integers: delete {prefix}.* to rebuild it")
+    # what was written, codes and labels alike (a cache from before this check has no "content")
+    if meta.get("content", fingerprint(codes, labels)) != fingerprint(codes, labels):
+        raise SystemExit(f"token cache {prefix}.* changed after it was built: its codes or labels no longer match "
+                         f"their fingerprint {meta['content']}; delete {prefix}.* to rebuild it")
     return codes, labels
 
 
 def finish_cache(prefix, labels, tokenizer_fingerprint, data_fp, shape):
     atomic_write(f"{prefix}.labels.npy", lambda tmp: np.save(tmp, labels))
-    # the .json goes last: it marks the cache complete
-    meta = {"tokenizer": tokenizer_fingerprint, "data": data_fp, "shape": list(shape)}
+    codes = np.load(f"{prefix}.codes.npy", mmap_mode="r")
+    # the .json goes last: it marks the cache complete, and records what it holds
+    meta = {"tokenizer": tokenizer_fingerprint, "data": data_fp, "shape": list(shape),
+            "content": fingerprint(codes, labels)}
     atomic_write(Path(prefix).with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
 
 
@@ -354,6 +363,11 @@ def prepare_tokens(tokenizer, data_dir, cache_dir, rank=0, world=1, flip=False):
             if split == "train" and flip:  # rows 2i, 2i + 1: image i and its mirror image
                 images, labels = np.stack([images, images[:, :, ::-1]], 1).reshape(-1, *images.shape[1:]), labels.repeat(2)
             codes, labels, data_fp = token_cache(prefix, images, labels, encode, tokenizer.fingerprint)
+        classes = (sum(p.is_dir() for p in root.iterdir()) if folder else len(CLASSES))
+        for what, values, top in (("codes", codes, tokenizer.cfg.codebook_size), ("labels", labels, classes)):
+            if len(values) and not 0 <= values.min() <= values.max() < top:
+                raise SystemExit(f"token cache {prefix}.* holds {what} from {values.min()} to {values.max()}, outside "
+                                 f"0..{top - 1}: delete {prefix}.* to rebuild it")
         codes = torch.from_numpy(np.array(codes).reshape(len(codes), -1))
         splits[split] = (codes if split == "train" else codes.long(), torch.from_numpy(np.asarray(labels)), data_fp)
     return splits

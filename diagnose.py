@@ -28,6 +28,7 @@ Reported per distance after the prefix (bands of one grid row) and per row of th
 the image's height (a band of 1/7 of the image is 7 codes at 7x7 and 28 at 14x14): does the teacher's
 signal on student contexts degrade faster when the same image takes 4x the codes?
 """
+import contextlib
 import json
 import math
 import sys
@@ -41,7 +42,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import runs
-from checks import positive_int
+from checks import check_output, output_lock, positive_int
 from data import atomic_write
 from distill import METHODS, group_logp, jsd, mixed_rollout
 from model import compile_decode
@@ -252,7 +253,22 @@ def main(argv=None):
                    "(default: diagnosis)")
     p.add_argument("--compare", nargs="+", metavar="JSON", help="no diagnosis: put these diagnoses (their .json, "
                    "e.g. out/diagnosis.json out/grid14/diagnosis.json) side by side in <out-dir>/<name>_compare.md")
+    p.add_argument("--force", action="store_true", help="replace the files of an earlier diagnosis of this --name")
     args = runs.get_args(argv, p)
+    out = Path(args.out_dir)
+    outputs = [out / f"{args.name}_compare.md"] if args.compare else [out / f"{args.name}{s}" for s in (".md", ".json", ".png")]
+    for path in outputs:  # before any work, and again holding the locks (another diagnosis may have finished)
+        check_output(path, "--name", args.force, kind="output file")
+    with contextlib.ExitStack() as locks:
+        for path in outputs:
+            locks.enter_context(output_lock(path, "--name"))
+        for path in outputs:
+            check_output(path, "--name", args.force, kind="output file")
+        return run(args, argv)
+
+
+def run(args, argv):
+    """diagnose.py's work once its outputs are checked and locked: the diagnosis, or --compare."""
     if args.compare:
         ds = [read_diagnosis(path) for path in args.compare]
         text = compare(ds, args.compare)
@@ -274,7 +290,6 @@ def main(argv=None):
     d.update(names, seconds=time.time() - t0)
     grid = tokenizer.cfg.grid_size
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     text = report(d, grid, names)
     atomic_write(out / f"{args.name}.md", lambda tmp: Path(tmp).write_text(text))
     atomic_write(out / f"{args.name}.json", lambda tmp: Path(tmp).write_text(json.dumps(d)))

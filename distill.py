@@ -536,7 +536,10 @@ def train(args, tokenizer, splits, role=None):
                                      f"{kept(args, saved)}")
                 if rank == 0:
                     metrics["step"] = done
-                    runs.save_checkpoint(args.out, model, optimizer, done, args, run.fingerprints, metrics)
+                    try:
+                        runs.save_checkpoint(args.out, model, optimizer, done, args, run.fingerprints, metrics)
+                    except SystemExit as e:  # the disk refused it: the last checkpoint is intact
+                        raise SystemExit(f"{e}; {kept(args, saved, False)}") from None
                 saved = done
     except KeyboardInterrupt:
         bar.close()

@@ -18,6 +18,7 @@ fingerprint (<out-dir>/ref/); --ref's mu/sigma are used as they are. Results go 
 beside the target (under <out-dir>/weights/ for a shipped file).
 """
 import argparse
+import contextlib
 import functools
 import io
 import json
@@ -33,8 +34,9 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from classifier import as_input, load_classifier
-from checks import check_output, count, existing_device, output_lock, positive_int, ranged, read_checkpoint, scale_list
-from data import WEIGHTS, atomic_write, beside, fingerprint, load_fashion_mnist, load_image_folder, save_grid
+from checks import (check_output, existing_device, output_lock, positive_int, ranged, read_checkpoint, scale_list,
+                    seed_int)
+from data import CLASSES, WEIGHTS, atomic_write, beside, fingerprint, load_fashion_mnist, load_image_folder, save_grid
 from inception import InceptionV3, load_inception  # noqa: F401 (re-exported: evaluate.InceptionV3, evaluate.load_inception)
 from model import GPTConfig, add_decode_flag, compile_decode, load_checkpoint
 from sample import generate, sampling_speed
@@ -184,10 +186,25 @@ MIN_SAMPLES = 4  # precision/recall's radius is the distance to the k-th (k = 3)
 
 
 def read_png(path):
-    """One sample PNG -> uint8 (H, W, C), refused in one sentence if unreadable."""
+    """One sample PNG -> uint8 (H, W, C), refused in one sentence if unreadable. A palette image is
+    read as the colours it shows (grey levels when its palette is grey), 16-bit grey as its top 8
+    bits, transparency dropped: the pixels a viewer sees, never the palette's indices."""
     try:
         with Image.open(path) as im:
-            a = np.asarray(im)
+            if im.mode == "P":
+                im = im.convert("RGB")
+                a = np.asarray(im)
+                a = a[..., :1] if (a == a[..., :1]).all() else a
+            elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                a = (np.asarray(im).astype(np.int64) >> (16 if im.mode == "I" else 8)).clip(0, 255).astype(np.uint8)
+            elif im.mode in ("L", "RGB"):
+                a = np.asarray(im)
+            elif im.mode in ("1", "LA"):
+                a = np.asarray(im.convert("L"))
+            elif im.mode in ("RGBA", "CMYK", "YCbCr"):
+                a = np.asarray(im.convert("RGB"))
+            else:
+                raise SystemExit(f"{path} is a PNG of mode {im.mode}: save samples as 8-bit grey (L) or colour (RGB)")
     except (OSError, ValueError) as e:
         raise SystemExit(f"{path} is not a readable PNG ({e}): delete or replace it") from None
     return a[..., None] if a.ndim == 2 else a
@@ -226,6 +243,29 @@ def load_target(target, args):
             for scale in args.cfg_scale]
 
 
+def reference_stats(ref):
+    """--ref's statistics (mu (d,), sigma (d, d), finite) or None, and whether it holds real images."""
+    if ref is None:
+        return None, False
+    if not (Path(ref).is_dir() or (Path(ref).suffix == ".npz" and Path(ref).is_file())):
+        raise SystemExit(f"no reference at {ref}: pass an .npz (mu/sigma and/or arr_0 images) or an image folder")
+    if Path(ref).is_dir():
+        return None, False
+    try:
+        npz = np.load(ref)
+        stats = (npz["mu"], npz["sigma"]) if "mu" in npz and "sigma" in npz else None
+        has_images = "arr_0" in npz
+    except Exception as e:
+        raise SystemExit(f"{ref} is not a readable .npz ({e}): pass reference statistics saved with np.savez") from None
+    if stats is None and not has_images:
+        raise SystemExit(f"{ref} has neither mu/sigma nor arr_0: pass reference statistics (mu, sigma) or real images")
+    if stats is not None and (stats[0].ndim != 1 or stats[1].shape != 2 * stats[0].shape
+                              or not all(np.isfinite(s).all() for s in stats)):
+        raise SystemExit(f"the reference statistics in {ref} are damaged (mu {stats[0].shape}, sigma {stats[1].shape}, "
+                         f"finite: {all(np.isfinite(s).all() for s in stats)}): pass mu (d,) and sigma (d, d), finite")
+    return stats, has_images
+
+
 def reference_images(ref, size, data_dir):
     """The real images to compare with: Fashion-MNIST's test split (ref None), an .npz's arr_0, or
     an image folder with one subfolder per class (e.g. ImageNet's val/, centre-cropped to `size`)."""
@@ -243,7 +283,14 @@ def evaluate_images(images, labels, features, out_dir, data_dir, inception_weigh
     its share; rank 0 gets the figures, the others None."""
     if images.dtype != np.uint8:
         raise SystemExit(f"the images are {images.dtype}, not uint8: pass pixels in 0..255")
+    if labels is not None and (not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1 or len(labels) != len(images)):
+        raise SystemExit(f"the labels are {labels.dtype} {labels.shape}, not {len(images)} integer class ids: pass one "
+                         f"class id per image (arr_1), or none")
+    if labels is not None and features == "cls" and len(labels) and not 0 <= labels.min() <= labels.max() < len(CLASSES):
+        raise SystemExit(f"the labels run from {labels.min()} to {labels.max()}, the classifier knows classes 0 to "
+                         f"{len(CLASSES) - 1}: pass the class ids the samples were drawn for")
     real = reference_images(None, None, data_dir) if ref is None else None  # checked before any feature pass
+    stats, has_images = reference_stats(ref)
     if real is not None and images.shape[1:] != real.shape[1:]:
         raise SystemExit(f"the images are {'x'.join(map(str, images.shape[1:]))} but the reference test split is "
                          f"{'x'.join(map(str, real.shape[1:]))}: pass images of the dataset's size")
@@ -256,21 +303,9 @@ def evaluate_images(images, labels, features, out_dir, data_dir, inception_weigh
             return None
         feats, logits = np.concatenate([f for f, _, _ in shares]), np.concatenate([z for _, z, _ in shares])
         labels = None if labels is None else np.concatenate([y for _, _, y in shares])
-    stats, has_images = None, False
-    if ref is not None and not (Path(ref).is_dir() or (Path(ref).suffix == ".npz" and Path(ref).is_file())):
-        raise SystemExit(f"no reference at {ref}: pass an .npz (mu/sigma and/or arr_0 images) or an image folder")
-    if ref is not None and Path(ref).suffix == ".npz":
-        try:
-            npz = np.load(ref)
-            stats = (npz["mu"], npz["sigma"]) if "mu" in npz and "sigma" in npz else None
-            has_images = "arr_0" in npz
-        except Exception as e:
-            raise SystemExit(f"{ref} is not a readable .npz ({e}): pass reference statistics saved with np.savez") from None
-        if stats is None and not has_images:
-            raise SystemExit(f"{ref} has neither mu/sigma nor arr_0: pass reference statistics (mu, sigma) or real images")
-        if stats is not None and stats[0].shape != feats.shape[1:]:
-            raise SystemExit(f"the reference statistics in {ref} are {stats[0].shape[0]}-d, the {features} features "
-                             f"{feats.shape[1]}-d: pass --features inception for Inception statistics")
+    if stats is not None and stats[0].shape != feats.shape[1:]:
+        raise SystemExit(f"the reference statistics in {ref} are {stats[0].shape[0]}-d, the {features} features "
+                         f"{feats.shape[1]}-d: pass --features inception for Inception statistics")
     real_feats = None
     if ref is None or Path(ref).is_dir() or has_images:
         real = real if ref is None else reference_images(ref, images.shape[1], data_dir)
@@ -507,7 +542,7 @@ def main(argv=None):
     p.add_argument("--cfg-scale", type=scale_list, default="2.0", help="classifier-free guidance of a checkpoint's "
                    "samples, >= 0, as LlamaGen's --cfg-scale; a list (1,1.5,2,3) scores each scale in one call, on "
                    "one reference pass (default: 2.0)")
-    p.add_argument("--seed", type=count, default=0, help="sampling seed, >= 0 (default: 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="sampling seed, >= 0 (default: 0)")
     p.add_argument("--ref", help="real reference: an .npz with mu/sigma (e.g. ADM's VIRTUAL_imagenet256_labeled.npz) "
                    "and/or arr_0 images, or an image folder (default: the Fashion-MNIST test split)")
     p.add_argument("--tokenizer", help="the checkpoint's tokenizer (default: the shipped one, weights/tokenizer.pt; "
@@ -541,6 +576,8 @@ def main(argv=None):
         p.error(f"--save-npz {args.save_npz}: name it .npz (numpy would add the suffix and write elsewhere)")
     # the outputs, checked before any work
     if args.save_npz:
+        if Path(args.save_npz).resolve() == Path(args.target).resolve():
+            p.error(f"--save-npz {args.save_npz} is the target itself: pass --save-npz elsewhere")
         check_output(args.save_npz, "--save-npz", args.force, kind="array")
     metrics_json = beside(args.target, args.out_dir).parent / "metrics.json"
     check_output(metrics_json, "the target's")
@@ -552,6 +589,15 @@ def main(argv=None):
     if saved and len(args.cfg_scale) > 1:
         p.error(f"--cfg-scale {','.join(f'{s:g}' for s in args.cfg_scale)}: saved samples have the scale they were "
                 f"drawn with; pass one scale (it is recorded), or a checkpoint to draw at several")
+    with output_lock(args.save_npz, "--save-npz") if args.save_npz else contextlib.nullcontext():
+        if args.save_npz:  # again, holding the lock: a writer that finished meanwhile left its file
+            check_output(args.save_npz, "--save-npz", args.force, kind="array")
+        return score(args, saved)
+
+
+def score(args, saved):
+    """evaluate.py's work once its flags and outputs are checked: the target's figures at each scale,
+    each kept in metrics.json under the target's name and the settings it was scored with."""
     t0 = time.time()
     drawn = load_target(args.target, args)
     results = {}
@@ -570,7 +616,10 @@ def main(argv=None):
             result["n"], result["cfg_scale"], result["seconds"] = n, scale, time.time() - t0
             key = fingerprint(args.features, result["n"], scale, args.seed, args.ref)
             name = beside(args.target, args.out_dir)
-            save_metrics(name if len(args.cfg_scale) == 1 else name.with_name(f"{name.name}@cfg{scale:g}"), key, result)
+            # one entry per target and setting: another scale, seed or reference is another entry, and
+            # none is the main job's table's (<name>@cfg<s>)
+            setting = f"{args.features}-cfg{scale:g}-seed{args.seed}-n{n}" + (f"-ref-{Path(args.ref).name}" if args.ref else "")
+            save_metrics(name.with_name(f"{name.name}@{setting}"), key, result)
             width = max(map(len, result))
             if len(args.cfg_scale) > 1:
                 print(f"\n{args.target} at CFG {scale:g}:")

@@ -18,8 +18,9 @@ import torch
 import torch.distributed as dist
 
 import tokenizer as tok
-from checks import (check_output, count, existing_device, fraction, fraction_range, non_negative, positive,
-                    positive_int, read_checkpoint, scale_list, weights_fingerprint as state_fingerprint)
+from checks import (check_output, count, existing_device, fraction, fraction_range, guidance_scale, non_negative,
+                    positive, positive_int, read_checkpoint, scale_list, seed_int,
+                    weights_fingerprint as state_fingerprint)
 from data import WEIGHTS, atomic_write, prepare_tokens
 from model import PRESETS, GPTConfig, add_decode_flag, compile_decode, load_checkpoint
 
@@ -99,9 +100,9 @@ def parser(description=None, methods=None, eval_cfg="1,2"):
                     "(default: 8192)")
     kd.add_argument("--pool-refresh", type=positive_int, default=250, help="seqkd: steps between new pools, >= 1; at batch 128 "
                     "each sample is seen about 4 times (default: 250)")
-    kd.add_argument("--pool-cfg", type=non_negative, help="seqkd: CFG scale of the teacher's samples, >= 0 "
+    kd.add_argument("--pool-cfg", type=guidance_scale, help="seqkd: CFG scale of the teacher's samples, >= 0 "
                     "(default: --teacher-cfg: the distribution the student is taught)")
-    kd.add_argument("--teacher-cfg", type=non_negative, default=1.0, help="the target of kd, seqkd, onpolicy, "
+    kd.add_argument("--teacher-cfg", type=guidance_scale, default=1.0, help="the target of kd, seqkd, onpolicy, "
                     "varkd and taid: the teacher's logits with this classifier-free guidance, l_u + S (l_c - l_u), so that "
                     "the student learns to sample like the guided teacher without guidance (one pass per code); "
                     ">= 0 (default: 1, the teacher's own logits)")
@@ -145,7 +146,7 @@ def parser(description=None, methods=None, eval_cfg="1,2"):
                    f"comma-separated, each >= 0: every model is scored at each (default: {eval_cfg}; 1 is no guidance)")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run at --out (with "
                    "the flags it was started with); the parents the pipeline builds are always continued")
-    p.add_argument("--seed", type=count, default=0, help="seed of init, data order and dropout, >= 0 (default: 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of init, data order and dropout, >= 0 (default: 0)")
     p.add_argument("--device", type=existing_device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda, one this machine has (default: cuda if available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off for "

@@ -21,20 +21,27 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checks import check_output, count, existing_device, fraction, int_list, non_negative, output_lock, positive_int, ranged
+from checks import (check_output, count, existing_device, fraction, guidance_scale, int_list, non_negative, output_lock,
+                    positive_int, ranged, seed_int)
 from data import WEIGHTS, atomic_write, beside, save_grid
 from model import GPT, PRESETS, add_decode_flag, autocast, compile_decode, load_checkpoint
 from tokenizer import load_tokenizer
 
 
+FLOAT32_TINY = torch.finfo(torch.float32).tiny  # a temperature below it is 0 in float32: greedy
+
+
 def filtered_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
     """logits (B, V) -> next-code probabilities (B, V) after temperature, then top-k, then top-p.
 
-    temperature 0 is greedy: a one-hot on the argmax. top_k 0 and top_p 1 switch those filters off.
+    temperature 0 is greedy: a one-hot on the argmax (so is one too small for float32, which would
+    divide by zero). top_k 0 and top_p 1 switch those filters off.
     """
-    if temperature == 0:
+    if temperature < FLOAT32_TINY:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits.float() / temperature
+    logits = logits.float()
+    if temperature != 1:  # from the max down, so that a tiny temperature sends the rest to -inf, never to nan
+        logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k > 0:
         kth_largest = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
@@ -52,7 +59,7 @@ def filtered_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
 
 def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """logits (B, V) -> sampled codes (B,) long."""
-    if temperature == 0:
+    if temperature < FLOAT32_TINY:
         return logits.argmax(-1)
     probs = filtered_probs(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
@@ -410,7 +417,7 @@ def main(argv=None):
     p.add_argument("--per-class", type=positive_int, default=8, help="images per class, one row, >= 1 (default: 8)")
     # LlamaGen samples GPT-B/L at 2.0; guidance trades diversity for class fidelity and a small
     # model with a weak class signal needs it at least as much
-    p.add_argument("--cfg-scale", type=non_negative, default=2.0,
+    p.add_argument("--cfg-scale", type=guidance_scale, default=2.0,
                    help="classifier-free guidance scale, >= 0, 1 = off (default: 2.0)")
     p.add_argument("--temperature", type=non_negative, default=1.0,
                    help="softmax temperature, >= 0, 0 = greedy (default: 1.0)")
@@ -420,7 +427,7 @@ def main(argv=None):
                         "(default: 1.0)")
     p.add_argument("--npz", help="also write every sample and its label to this .npz (arr_0, arr_1), e.g. "
                    "--per-class 500 for evaluate.py (the grid shows 16 per class at most)")
-    p.add_argument("--seed", type=count, default=0, help="random seed, >= 0 (default: 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed, >= 0 (default: 0)")
     p.add_argument("--no-kv-cache", action="store_true",
                    help="recompute the whole prefix at every step: slow, for checking (default: off)")
     p.add_argument("--device", type=existing_device, default="cpu", help="torch device this machine has, e.g. cuda (default: cpu)")
@@ -437,10 +444,16 @@ def main(argv=None):
     if args.npz and not args.npz.endswith(".npz"):
         p.error(f"--npz {args.npz}: name it .npz (numpy would add the suffix and write elsewhere)")
     out = Path(args.out) if args.out else beside(args.ckpt).with_name(Path(args.ckpt).stem + "_samples.png")
+    if args.npz and Path(args.npz).resolve() == out.resolve():
+        p.error(f"--npz {args.npz} is also --out: pass two paths, the grid's and the samples'")
     check_output(out, "--out", args.force, kind="image")
     if args.npz:
         check_output(args.npz, "--npz", args.force, kind="array")
     with output_lock(out), (output_lock(args.npz, "--npz") if args.npz else contextlib.nullcontext()):
+        # again, holding the locks: a writer that finished meanwhile left its files
+        check_output(out, "--out", args.force, kind="image")
+        if args.npz:
+            check_output(args.npz, "--npz", args.force, kind="array")
         try:
             return draw_and_save(args, out)
         except KeyboardInterrupt:

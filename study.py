@@ -23,6 +23,7 @@ speculative sampling for the teacher), out/study/fid_vs_cfg.png and out/study/co
 per model, one column per class, the same sampling seed for every row).
 """
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -33,7 +34,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import runs
-from checks import count, int_list, positive_int
+from checks import int_list, output_lock, positive_int, seed_int
 from data import CLASSES, WEIGHTS, atomic_write
 from bench import speculative_speed
 from distill import METHODS, train
@@ -126,6 +127,13 @@ def study_dir(args):
     return Path(args.out_dir) / args.plan["dir"]
 
 
+def train_locked(run, tokenizer, splits, role=None):
+    """distill.train, one writer per run: a second study on the same out-dir is refused at the run
+    the first is training, and reuses the runs it finished (under torchrun rank 0 holds the lock)."""
+    with output_lock(run.out, "--out-dir") if runs.rank_world()[0] == 0 else contextlib.nullcontext():
+        return train(run, tokenizer, splits, role)
+
+
 def stage1(args, seed, base):
     """Stage-1 KD of a seed: from the one no-KD student, with the seed's data order."""
     shared = {**args.shared, "seed": seed, "resume": True}
@@ -185,10 +193,10 @@ def tune(args, tokenizer, splits):
                 continue
             if plan["start"] == "kd" and not started:
                 print(f"\n== tuning, validation seed {seed}: stage-1 KD ==")
-                train(kd, tokenizer, splits)
+                train_locked(kd, tokenizer, splits)
                 started = True
             print(f"\n== tuning, validation seed {seed}: {name} ==")
-            train(run, tokenizer, splits)
+            train_locked(run, tokenizer, splits)
             if runs.rank_world()[0] > 0:
                 continue
             lines[method, cand] = table([run.out], tokenizer, *splits["test"][:2], measure)[run.out]
@@ -233,7 +241,7 @@ def run(args, tokenizer, splits, seeds):
     # the parents: the shipped ones, or built once under the out-dir (another tokenizer)
     student = stage1(args, seeds[0], "").init
     for parent in runs.pipeline(runs.get_args([], **args.shared, method="kd", init=student))[:-1]:
-        train(parent, tokenizer, splits, role=runs.ROLES["teacher" if parent.out == args.teacher else parent.method])
+        train_locked(parent, tokenizer, splits, role=runs.ROLES["teacher" if parent.out == args.teacher else parent.method])
     winners = dict(UNTUNED) if args.no_tune else args.winners or tune(args, tokenizer, splits)
     if world > 1:  # rank 0 measured the tuning: every rank trains the winners
         shared = [winners]
@@ -252,7 +260,7 @@ def run(args, tokenizer, splits, seeds):
         for name, r in seed_runs:
             if name not in kept or (name == "kd" and todo):  # stage-1 KD: the start of what is trained
                 print(f"\n== study, seed {seed}: {name} ==")
-                train(r, tokenizer, splits)
+                train_locked(r, tokenizer, splits)
         if rank > 0:  # rank 0 measures and writes
             continue
         # sampled with the seed of the runs (the teacher and the no-KD student too: their rows show
@@ -542,7 +550,7 @@ def main(argv=None):
     p.add_argument("--rows", help="comma-separated rows to run, e.g. kd_cont,varkd for a quick look at a long horizon "
                    f"(default: all: {','.join(name for name, *_ in ROWS)}; with --guidance-free: "
                    f"{','.join(name for name, *_ in GF_ROWS)})")
-    p.add_argument("--tune-seed", type=count, default=100, help="the validation seed of the tuning, training and "
+    p.add_argument("--tune-seed", type=seed_int, default=100, help="the validation seed of the tuning, training and "
                    "sampling, never reported, >= 0 (default: 100)")
     p.add_argument("--no-tune", action="store_true", help="no tuning: every method with its defaults (a quick look)")
     p.add_argument("--winners", help="no tuning: each method's setting chosen by an earlier one, "

@@ -283,7 +283,8 @@ def test_the_training_cache_holds_each_image_and_its_mirror_image_and_the_test_c
     images = np.random.default_rng(0).integers(0, 256, (20, 28, 28, 1), dtype=np.uint8)
     monkeypatch.setattr(data, "load_fashion_mnist", lambda split, data_dir: (images[:12 if split == "train" else 8],
                                                                              np.arange(12 if split == "train" else 8) % 10))
-    fake = types.SimpleNamespace(fingerprint="tokA", encode=lambda x: torch.from_numpy(x[:, ::4, ::4, 0].astype(np.int64)))
+    fake = types.SimpleNamespace(fingerprint="tokA", encode=lambda x: torch.from_numpy(x[:, ::4, ::4, 0].astype(np.int64)),
+                                 cfg=types.SimpleNamespace(codebook_size=256))
     splits = data.prepare_tokens(fake, tmp_path / "none", tmp_path / "tokens", flip=True)
     codes, labels, _ = splits["train"]
     assert codes.shape == (24, 49) and labels.tolist() == np.repeat(np.arange(12) % 10, 2).tolist()
@@ -1449,10 +1450,12 @@ def test_diagnoses_at_7x7_and_14x14_are_compared_by_image_height(tmp_path, capsy
     assert "| 196 | student | 0.500 | 98.000 | 0.50 | 0.900 |" in text
     bad = fake(7) | {"seq_len": 50}
     paths[0].write_text(json.dumps(bad))
-    with pytest.raises(SystemExit, match="square grids"):
+    with pytest.raises(SystemExit, match="diagnosis_compare.md exists: pass --force"):  # an earlier comparison is kept
         diagnose.main(["--compare", *map(str, paths), "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="square grids"):
+        diagnose.main(["--compare", *map(str, paths), "--out-dir", str(tmp_path), "--force"])
     with pytest.raises(SystemExit, match="not a diagnosis; pass the .json"):
-        diagnose.main(["--compare", str(tmp_path / "diagnosis_compare.md"), "--out-dir", str(tmp_path)])
+        diagnose.main(["--compare", str(tmp_path / "diagnosis_compare.md"), "--out-dir", str(tmp_path), "--force"])
 
 
 def test_sample_and_evaluate_look_in_the_14x14_tree_with_grid_14(tmp_path, monkeypatch):
@@ -1841,7 +1844,7 @@ def test_real_test_images_score_like_the_reference_and_noise_does_not(eval_dir, 
     assert real["FID-cls"] < 0.1 * fake["FID-cls"] and real["precision-cls"] > 0.9 > fake["precision-cls"]
     assert abs(real["class_acc-cls"] - acc) < 0.05 and "class_acc-cls" not in fake  # noise.npz has no labels
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["real.npz"]["FID-cls"] == real["FID-cls"] and "noise.npz" in saved
+    assert saved["real.npz@cls-cfg2-seed0-n2000"]["FID-cls"] == real["FID-cls"] and "noise.npz@cls-cfg2-seed0-n2000" in saved
 
 
 def test_bad_evaluation_targets_get_one_sentence(eval_dir, tmp_path):
@@ -1868,7 +1871,11 @@ def test_a_checkpoint_is_scored_at_every_guidance_scale_in_one_call(eval_dir, tm
     assert got[3.0]["class_acc-cls"] > got[1.0]["class_acc-cls"]  # guidance sharpens the class
     assert len(list((out / "ref").glob("*.npz"))) == 1  # one reference pass for both scales
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["student.pt@cfg1"]["FID-cls"] == got[1.0]["FID-cls"] and saved["student.pt@cfg3"]["cfg_scale"] == 3.0
+    assert saved["student.pt@cls-cfg1-seed0-n200"]["FID-cls"] == got[1.0]["FID-cls"]
+    assert saved["student.pt@cls-cfg3-seed0-n200"]["cfg_scale"] == 3.0
+    evaluate.main([str(student), "--out-dir", str(out), "--num-samples", "200", "--cfg-scale", "2"])  # another entry
+    again = json.loads((tmp_path / "metrics.json").read_text())
+    assert {k: again[k] for k in saved} == saved and "student.pt@cls-cfg2-seed0-n200" in again
     np.savez(tmp_path / "s.npz", np.zeros((8, 28, 28), np.uint8))
     for argv, said in (([str(tmp_path / "s.npz"), "--cfg-scale", "1,2"], "saved samples have the scale they were drawn"),
                        ([str(student), "--cfg-scale", "1,2", "--save-npz", str(tmp_path / "x.npz")], "one --cfg-scale"),
@@ -2078,7 +2085,7 @@ def test_a_llamagen_layout_pair_distils_on_an_image_folder_and_is_evaluated(tmp_
     done = subprocess.run(cmd, cwd=Path(__file__).parent, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    line = json.loads((tmp_path / "metrics.json").read_text())["c2i_student.pt"]
+    line = json.loads((tmp_path / "metrics.json").read_text())["c2i_student.pt@inception-cfg2-seed1-n6-ref-ref.npz"]
     assert line["n"] == 6 and line["FID"] > 0 and 1 <= line["IS"] <= 6
     torch.save({"model": tiny_model(2, vocab_size=32, num_classes=2).state_dict()}, tmp_path / "c2i_other.pt")
     with pytest.raises(SystemExit, match=r"the student .*c2i_other.pt predicts 32 codes, the tokenizer has 64"):
@@ -2224,7 +2231,85 @@ BAD_INPUTS = [
      lambda r: flip_a_weight_byte(r / "teacher.pt"), ["teacher.pt", "is damaged"]),
     ("distill", KD, lambda r: flip_a_weight_byte(r / "teacher.pt"), ["teacher.pt", "is damaged"]),
 ]
-PROGRAMS = {"distill": distill.main, "sample": sample.main, "evaluate": evaluate.main, "tokenizer": tok.main}
+
+
+def EVAL(r, target="s.npz"):
+    return [f"{r}/{target}", "--out-dir", f"{r}/out", "--data-dir", f"{r}/fm"]
+
+
+def DIAGNOSE(r):
+    return DISTILL(r)[:6] + ["--teacher", f"{r}/teacher.pt", "--student", f"{r}/teacher.pt", "--size", "tiny",
+                             "--num-seqs", "4"]
+
+
+def samples(r, name="s.npz", n=12, labels=True, **arrays):
+    images = np.random.default_rng(0).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    np.savez(r / name, images, *([np.arange(n) % 10] if labels else []), **arrays)
+
+
+def rewrite_cache(r, codes=None, labels=None, keep_fingerprint=False):
+    """The test split's token cache with other codes or labels, its recorded content fingerprint kept
+    (a cache changed after it was built) or recomputed (a cache built wrong)."""
+    prefix = r / "out" / "tokens" / "test"
+    if codes is not None:
+        np.save(f"{prefix}.codes.npy", codes(np.load(f"{prefix}.codes.npy")))
+    if labels is not None:
+        np.save(f"{prefix}.labels.npy", labels(np.load(f"{prefix}.labels.npy")))
+    if not keep_fingerprint:
+        meta = json.loads(prefix.with_suffix(".json").read_text())
+        meta["content"] = data.fingerprint(np.load(f"{prefix}.codes.npy"), np.load(f"{prefix}.labels.npy"))
+        prefix.with_suffix(".json").write_text(json.dumps(meta))
+
+
+LONG = "n" * 252
+# round two: what the first table did not try, by kind (traceback, loss, silent, misleading before)
+BAD_INPUTS += [
+    # tracebacks: flags without a bound, names the filesystem refuses, a lock that cannot be taken
+    ("sample", lambda r: SAMPLE(r) + ["--seed", str(2 ** 64)], None, ["--seed", "out of range"]),
+    ("distill", lambda r: DISTILL(r) + ["--seed", str(2 ** 40)], None, ["--seed", "out of range"]),
+    ("tokenizer", lambda r: ["--seed", str(2 ** 33), "--out", f"{r}/new.pt"], None, ["--seed"]),
+    ("evaluate", lambda r: EVAL(r) + ["--seed", "-1"], None, ["--seed"]),
+    ("sample", lambda r: SAMPLE(r) + ["--cfg-scale", "1e300"], None, ["--cfg-scale", "[0, 100]"]),
+    ("distill", lambda r: KD(r) + ["--teacher-cfg", "1e9"], None, ["--teacher-cfg", "[0, 100]"]),
+    ("distill", lambda r: KD(r) + ["--pool-cfg", "inf"], None, ["--pool-cfg"]),
+    ("study", lambda r: ["--seeds", "0,0"], None, ["--seeds", "twice"]),
+    ("study", lambda r: ["--seeds", str(2 ** 40)], None, ["--seeds", "out of range"]),
+    ("study", lambda r: ["--tune-seed", str(2 ** 40)], None, ["--tune-seed"]),
+    ("distill", lambda r: DISTILL(r)[:-1] + [f"{r}/out/{LONG}.pt"], None, ["--out", "too long"]),
+    ("distill", lambda r: DISTILL(r)[:-1] + [f"{r}/{LONG}{LONG}/run.pt"], None, ["--out", "too long"]),
+    ("sample", lambda r: SAMPLE(r)[:-1] + [f"{r}/{LONG}.png"], None, ["--out", "too long"]),
+    ("evaluate", lambda r: EVAL(r) + ["--save-npz", f"{r}/{LONG}.npz"], samples, ["--save-npz", "too long"]),
+    ("distill", DISTILL, lambda r: (r / "out" / "run.pt.lock").mkdir(parents=True), ["run.pt.lock", "cannot be made"]),
+    ("sample", SAMPLE, lambda r: (r / "s.png.lock").mkdir(), ["s.png.lock", "cannot be made"]),
+    ("evaluate", lambda r: [f"{r}/teacher.pt", "--tokenizer", f"{r}/tok.pt", "--num-samples", "10", "--out-dir",
+                            f"{r}/out", "--save-npz", f"{r}/x.npz"], lambda r: (r / "x.npz.lock").mkdir(), ["x.npz.lock"]),
+    # loss: an output named twice, an earlier diagnosis replaced
+    ("sample", lambda r: SAMPLE(r)[:-1] + [f"{r}/x.npz", "--npz", f"{r}/x.npz"], None, ["--npz", "also --out"]),
+    ("evaluate", lambda r: EVAL(r) + ["--save-npz", f"{r}/s.npz", "--force"], samples, ["--save-npz", "the target itself"]),
+    ("diagnose", DIAGNOSE, lambda r: (r / "out" / "diagnosis.json").write_text("{}"), ["diagnosis.json", "--force"]),
+    ("diagnose", DIAGNOSE, lambda r: (r / "out" / "diagnosis.png").write_bytes(b"mine"), ["diagnosis.png", "--force"]),
+    ("diagnose", lambda r: DIAGNOSE(r) + ["--compare", f"{r}/d.json"],
+     lambda r: ((r / "d.json").write_text("{}"), (r / "out" / "diagnosis_compare.md").write_text("mine")),
+     ["diagnosis_compare.md", "--force"]),
+    # silent: evaluation inputs read wrong, token caches that are not what they were built as
+    ("evaluate", EVAL, lambda r: samples(r, labels=False, arr_1=np.arange(12) + 5), ["labels run from 5 to 16"]),
+    ("evaluate", EVAL, lambda r: samples(r, labels=False, arr_1=np.arange(12) * 0.5), ["labels are float64"]),
+    ("evaluate", EVAL, lambda r: samples(r, labels=False, arr_1=np.arange(24).reshape(12, 2)), ["labels"]),
+    ("evaluate", lambda r: EVAL(r) + ["--ref", f"{r}/ref.npz"],
+     lambda r: (samples(r), np.savez(r / "ref.npz", mu=np.full(128, np.nan), sigma=np.eye(128))), ["ref.npz", "damaged"]),
+    ("evaluate", lambda r: EVAL(r) + ["--ref", f"{r}/ref.npz"],
+     lambda r: (samples(r), np.savez(r / "ref.npz", mu=np.zeros(128), sigma=np.ones(128))), ["ref.npz", "damaged"]),
+    ("distill", DISTILL, lambda r: rewrite_cache(r, codes=np.zeros_like, keep_fingerprint=True),
+     ["test.*", "changed after it was built"]),
+    ("distill", DISTILL, lambda r: rewrite_cache(r, labels=lambda y: y[::-1].copy(), keep_fingerprint=True),
+     ["test.*", "changed after it was built"]),
+    ("distill", DISTILL, lambda r: rewrite_cache(r, codes=lambda c: c - 300), ["test.*", "codes from -"]),
+    ("distill", DISTILL, lambda r: rewrite_cache(r, codes=lambda c: c + 256), ["test.*", "outside 0..255"]),
+    ("distill", DISTILL, lambda r: rewrite_cache(r, labels=lambda y: y.astype(np.float32)), ["test.*", "not integers"]),
+    ("distill", DISTILL, lambda r: rewrite_cache(r, labels=lambda y: y + 10), ["test.*", "labels from", "0..9"]),
+]
+PROGRAMS = {"distill": distill.main, "sample": sample.main, "evaluate": evaluate.main, "tokenizer": tok.main,
+            "study": study.main, "diagnose": diagnose.main}
 
 
 @pytest.mark.parametrize("program, argv, make, words", BAD_INPUTS,
@@ -2258,6 +2343,99 @@ def test_a_run_that_diverges_keeps_only_finite_weights_and_says_which_step_truth
     kept = torch.load(r / "out" / "run.pt", weights_only=True)
     assert f"run.pt keeps step {kept['step']} (finite weights)" in printed and "--out elsewhere" in printed
     assert all(torch.isfinite(v).all() for v in kept["model"].values())
+
+
+def test_names_torch_save_would_refuse_are_written_and_a_tiny_temperature_samples_greedily(bad_env, tmp_path):
+    r = tmp_path / "r"
+    shutil.copytree(bad_env, r)
+    distill.main(DISTILL(r)[:-1] + [f"{r}/out/run"])  # no suffix: torch.save refuses a temporary name without a stem
+    assert torch.load(r / "out" / "run", weights_only=True)["step"] == 2
+    assert not [p for p in (r / "out").iterdir() if p.name.startswith(".tmp-")]
+    model, labels = tiny_model(), torch.arange(5)
+    greedy = sample.generate(model, labels, 2.0, temperature=0)
+    for tiny in (1e-300, 1e-30):  # below float32's range (0 there), and inside it
+        assert torch.equal(sample.generate(model, labels, 2.0, temperature=tiny, generator=torch.Generator()), greedy)
+
+
+def test_palette_and_16_bit_pngs_are_read_as_the_pixels_they_show(tmp_path):
+    a = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    for name, palette, shown in (("grey", range(256), a), ("inverted", range(255, -1, -1), 255 - a)):
+        im = Image.frombytes("P", (28, 28), a.tobytes())
+        im.putpalette([v for i in palette for v in (i, i, i)])
+        im.save(tmp_path / f"{name}.png")
+        assert np.array_equal(evaluate.read_png(tmp_path / f"{name}.png"), shown[..., None]), name  # not the indices
+    colours = np.random.default_rng(1).integers(0, 256, (16, 3), dtype=np.uint8)
+    im = Image.frombytes("P", (28, 28), (a % 16).tobytes())
+    im.putpalette(colours.flatten().tolist())
+    im.save(tmp_path / "colour.png")
+    assert np.array_equal(evaluate.read_png(tmp_path / "colour.png"), colours[a % 16])
+    Image.fromarray(a.astype(np.uint16) * 257).save(tmp_path / "deep.png")  # 16-bit grey
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I") and np.array_equal(evaluate.read_png(tmp_path / "deep.png"), a[..., None])
+    Image.fromarray(np.dstack([a, a, a, a])).save(tmp_path / "alpha.png")
+    assert np.array_equal(evaluate.read_png(tmp_path / "alpha.png"), np.dstack([a, a, a]))
+
+
+def hold_lock(path):
+    """Another process holding the writer's lock of `path` (checks.output_lock) until it is killed."""
+    code = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).parent)!r}); from checks import output_lock\n"
+            f"with output_lock({str(path)!r}):\n    print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_writer_of_a_study_run_or_of_a_save_npz_is_refused_naming_the_first(bad_env, tmp_path, capsys):
+    r = tmp_path / "r"
+    shutil.copytree(bad_env, r)
+    argv = ["--seeds", "0", "--no-tune", "--rows", "kd_cont", *DISTILL(r)[:8], "--size", "tiny", "--batch-size", "4",
+            "--max-iters", "2", "--kd-iters", "2", "--study-iters", "2", "--eval-samples", "0", "--eval-seqs", "5",
+            "--teacher", f"{r}/teacher.pt"]
+    for target in (r / "out" / "ce" / "ckpt.pt", r / "x.npz"):  # a study's first run; evaluate.py's --save-npz
+        holder = hold_lock(target)
+        try:
+            before = snapshot(r)
+            if target.suffix == ".npz":
+                samples(r)
+                before = snapshot(r)
+                code, printed = refusal(evaluate.main, EVAL(r) + ["--save-npz", str(target)], capsys)
+            else:
+                code, printed = refusal(study.main, argv, capsys)
+        finally:
+            holder.kill()
+            holder.wait()
+        assert code not in (0, None) and "Traceback" not in printed
+        assert f"{target} is being written by process {holder.pid}" in printed, printed
+        after = snapshot(r)
+        assert {p: after.get(p) for p in before} == before
+
+
+def test_a_full_disk_ends_in_one_sentence_and_the_last_checkpoint_still_resumes(bad_env, tmp_path, capsys):
+    r, disk = tmp_path / "r", tmp_path / "disk"
+    shutil.copytree(bad_env, r)
+    distill.main(DISTILL(r) + ["--max-iters", "4", "--ckpt-interval", "2"])
+    size = (r / "out" / "run.pt").stat().st_size  # room for one checkpoint, not for its replacement beside it
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={(size * 3 // 2) // 4096 * 4096 + 4096}", "tmpfs",
+                              str(disk)], capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"this machine allows no small tmpfs to fill (mount: {mounted.stderr.strip()[:80]})")
+    try:
+        code, printed = refusal(distill.main, DISTILL(r)[:-1] + [f"{disk}/run.pt", "--max-iters", "4", "--ckpt-interval", "2"],
+                                capsys)
+        assert code not in (0, None) and "Traceback" not in printed
+        assert f"no space left to write {disk}/run.pt" in printed and f"{disk}/run.pt keeps step 2" in printed
+        assert torch.load(disk / "run.pt", weights_only=True)["step"] == 2 and sorted(os.listdir(disk)) == ["run.pt"]
+        (disk / "s.png").write_bytes(b"an earlier grid")
+        (disk / "filler").write_bytes(b"\0" * shutil.disk_usage(disk).free)  # now nothing fits
+        for program, argv in ((sample.main, SAMPLE(r)[:-1] + [f"{disk}/s.png", "--force"]),
+                              (sample.main, SAMPLE(r)[:-1] + [f"{disk}/t.png"]),
+                              (sample.main, SAMPLE(r) + ["--npz", f"{disk}/x.npz"])):
+            before = snapshot(disk)
+            code, printed = refusal(program, argv, capsys)
+            assert code not in (0, None) and "Traceback" not in printed and "no space left" in printed, printed
+            assert snapshot(disk) == before  # nothing half-written, the earlier grid as it was
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
 
 
 def test_a_second_run_on_one_output_is_refused_and_ctrl_c_names_the_step_and_the_checkpoint(bad_env, tmp_path, capsys):

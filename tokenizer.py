@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from scipy.cluster.vq import kmeans2
 from tqdm import tqdm
 
-from checks import check_output, count, output_lock, positive, positive_int, ranged, read_checkpoint
+from checks import check_output, output_lock, positive, positive_int, ranged, read_checkpoint, seed_int
 from data import atomic_write, fingerprint, load_fashion_mnist, save_grid
 
 
@@ -419,7 +419,7 @@ def main(argv=None):
     p.add_argument("--lr", type=positive, default=2e-3, help="peak Adam learning rate, > 0 (default: 2e-3)")
     p.add_argument("--codebook-size", type=ranged(int, 4), default=256, help="number of codes, >= 4 (VarKD groups "
                    "them by four) (default: 256)")
-    p.add_argument("--seed", type=count, default=0, help="random seed, >= 0 (default: 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed, >= 0 (default: 0)")
     args = p.parse_args(argv)
     args.out = args.out or ("out/tokenizer.pt" if args.grid == 7 else f"out/grid{args.grid}/tokenizer.pt")
     check_output(args.out, "--out", args.force)
