@@ -11,6 +11,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -123,8 +124,28 @@ def fingerprint(*parts):
 
 def weights_fingerprint(state):
     """The fingerprint of a state dict's tensors, in their order: what every checkpoint we write
-    records as "fingerprint", and what every load recomputes."""
+    records as "fingerprint", its weights' identity (the parents a checkpoint names by it)."""
     return fingerprint(*(v.detach().cpu().numpy() for v in state.values()))
+
+
+def integrity(ckpt):
+    """What a checkpoint of ours must still be when it is read: every tensor by name and value, and
+    whatever else changes its computation, its config and a tokenizer's codebook groups. Recorded as
+    "integrity" by every save; a file written before it has only "fingerprint", which misses a swap
+    of two layers or an edited config."""
+    tensors = [x for name, t in sorted(ckpt["model"].items()) for x in (name, t.detach().cpu().numpy())]
+    groups = [x for k, g in sorted((ckpt.get("groups") or {}).items()) for x in (str(k), g.cpu().numpy())]
+    config = {k: ckpt[k] for k in ("config", "in_channels", "image_size", "num_classes") if k in ckpt}  # the classifier's
+    return fingerprint(*tensors, json.dumps(config, sort_keys=True), *groups)
+
+
+# the shipped files, each committed once: a change to one (its config, its groups, anything) is refused
+WEIGHTS = Path(__file__).parent / "weights"  # the shipped tokenizer, teacher, no-KD student and FID-cls classifier
+SHIPPED = {"tokenizer.pt": "f83b2b77f87a663cb97b98b108d78605b5951530e96938cc73dafcf35e8bd419",
+           "teacher.pt": "84fbb03528e7a3312c03d283b6d304516f2d1fa4d68fb095f922a14807d0474d",
+           "student.pt": "c3851975bcdab8bea22d1f8728dea7a712fc694c5e67a943fd41a4d9d1b6c31a",
+           "classifier.pt": "959bb89569720665103d6e3a72c15b29deeeb3408c346300b4bfa37a2f04c64b"}
+OURS = ("config", "args", "metrics", "fingerprints", "settings", "step")  # keys only our checkpoints hold
 
 
 def read_checkpoint(path, what="checkpoint", fix="pass one saved by torch.save"):
@@ -141,15 +162,27 @@ def read_checkpoint(path, what="checkpoint", fix="pass one saved by torch.save")
         raise SystemExit(f"{path} exists and is not a {what} (unreadable: {reason}): {fix}") from None
     if not isinstance(ckpt, dict):
         raise SystemExit(f"{path} exists and is not a {what} (it holds a {type(ckpt).__name__}): {fix}")
-    state = ckpt.get("model")
-    if "fingerprint" in ckpt and isinstance(state, dict):
-        try:
-            got = weights_fingerprint(state)
-        except (AttributeError, TypeError):
-            got = None
-        if got != ckpt["fingerprint"]:
-            raise SystemExit(f"{path} is damaged: its weights have fingerprint {got}, not the {ckpt['fingerprint']} "
-                             f"recorded when it was saved; restore it from a copy or rebuild it")
+    if path.resolve().parent == WEIGHTS.resolve() and path.name in SHIPPED:
+        if hashlib.sha256(path.read_bytes()).hexdigest() != SHIPPED[path.name]:
+            raise SystemExit(f"{path} is not the file this repository ships (its sha256 differs): restore it with "
+                             f"`git checkout {WEIGHTS.name}/{path.name}`")
+    if not isinstance(ckpt.get("model"), dict):
+        return ckpt  # a bare state dict (LlamaGen's tokenizer is one): nothing recorded to check it against
+    recorded = {"integrity": integrity, "fingerprint": lambda c: weights_fingerprint(c["model"])}
+    if not any(k in ckpt for k in recorded):
+        if any(k in ckpt for k in OURS):
+            raise SystemExit(f"{path} is a checkpoint of ours without its fingerprint (edited, or written by other "
+                             f"code): it cannot be checked; rebuild it, or restore the file as it was saved")
+        return ckpt  # not ours (LlamaGen's {"model": ...}): the loader names it unchecked
+    for key, compute in recorded.items():
+        if key in ckpt:
+            try:
+                got = compute(ckpt)
+            except (AttributeError, TypeError, KeyError):
+                got = None
+            if got != ckpt[key]:
+                raise SystemExit(f"{path} is damaged: its weights, their names or its config have {key} {got}, not "
+                                 f"the {ckpt[key]} recorded when it was saved; restore it from a copy or rebuild it")
     return ckpt
 
 

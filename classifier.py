@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checks import read_checkpoint, weights_fingerprint
+from checks import integrity, read_checkpoint, weights_fingerprint
 from data import WEIGHTS, atomic_write, fingerprint, load_fashion_mnist
 
 
@@ -93,6 +93,7 @@ def build(path, data_dir="data", epochs=EPOCHS):
     state = {"model": model.state_dict(), "in_channels": train_images.shape[-1], "image_size": train_images.shape[1],
              "num_classes": int(train_labels.max()) + 1, "data": fingerprint(train_images, train_labels),
              "test_accuracy": acc, "epochs": epochs, "fingerprint": weights_fingerprint(model.state_dict())}
+    state["integrity"] = integrity(state)
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 

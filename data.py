@@ -34,7 +34,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from checks import atomic_write, fingerprint  # noqa: F401 (also data.atomic_write, data.fingerprint)
+from checks import WEIGHTS, atomic_write, fingerprint  # noqa: F401 (also data.atomic_write, data.fingerprint, data.WEIGHTS)
 
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
@@ -49,7 +49,6 @@ CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-WEIGHTS = Path(__file__).parent / "weights"  # the shipped tokenizer, teacher, no-KD student and FID-cls classifier
 
 
 def beside(path, out_dir="out"):

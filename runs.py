@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 import tokenizer as tok
-from checks import (check_output, count, existing_device, fraction, fraction_range, guidance_scale, non_negative,
-                    positive, positive_int, read_checkpoint, scale_list, seed_int,
+from checks import (check_output, count, existing_device, fraction, fraction_range, guidance_scale, integrity,
+                    non_negative, positive, positive_int, read_checkpoint, scale_list, seed_int,
                     weights_fingerprint as state_fingerprint)
 from data import WEIGHTS, atomic_write, prepare_tokens
 from model import PRESETS, GPTConfig, add_decode_flag, compile_decode, load_checkpoint
@@ -300,6 +300,10 @@ def existing_run(args, fingerprints, config, role):
     ckpt = read_checkpoint(args.out, "checkpoint of distill.py", fix)
     if not all(k in ckpt for k in ("fingerprints", "config", "args", "step", "model", "optimizer", "rng")):
         raise SystemExit(f"{args.out} exists and is not a checkpoint of distill.py (it cannot be continued): {fix}")
+    moments = [v for s in ckpt["optimizer"].get("state", {}).values() for v in s.values() if torch.is_tensor(v)]
+    if not all(torch.isfinite(v).all() for v in moments if v.is_floating_point()):
+        raise SystemExit(f"{args.out} is damaged: its optimizer state holds values that are not finite (we never save "
+                         f"those); delete it to start over, or restore it from a copy")
     theirs = ckpt["fingerprints"]
     for key in sorted(set(theirs) | set(fingerprints)):
         if theirs.get(key) != fingerprints.get(key):
@@ -428,4 +432,5 @@ def save_checkpoint(path, model, optimizer, step, args, fingerprints, metrics):
     state = {"model": model.state_dict(), "config": asdict(model.config), "optimizer": optimizer.state_dict(),
              "step": step, "args": {k: v for k, v in vars(args).items() if k not in ("methods", "shared")}, "rng": torch.get_rng_state(), "fingerprints": fingerprints,
              "fingerprint": weights_fingerprint(model), "metrics": metrics}
+    state["integrity"] = integrity(state)
     atomic_write(path, lambda tmp: torch.save(state, tmp))

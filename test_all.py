@@ -711,7 +711,8 @@ def save_tiny(path, model, edit=None):
     state = model.state_dict()
     if edit:
         edit(state)
-    torch.save({"model": state, "config": asdict(model.config), "step": 0}, path)
+    ckpt = {"model": state, "config": asdict(model.config), "step": 0}
+    torch.save({**ckpt, "integrity": checks.integrity(ckpt)}, path)  # as every save of ours records it
 
 
 def test_our_checkpoint_round_trips(tmp_path):
@@ -2261,6 +2262,33 @@ def rewrite_cache(r, codes=None, labels=None, keep_fingerprint=False):
         prefix.with_suffix(".json").write_text(json.dumps(meta))
 
 
+def tamper(path, edit, record=True):
+    """One of our checkpoints with its integrity recorded (as every save now writes it), then edited:
+    the record kept (a file changed after it was saved), or recomputed (record=False: written so)."""
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["integrity"] = checks.integrity(ckpt)
+    edit(ckpt)
+    if not record:
+        ckpt.pop("fingerprint", None)
+        ckpt["integrity"] = checks.integrity(ckpt)
+    torch.save(ckpt, path)
+
+
+def swap_layers(ckpt):
+    """The names of layers 0 and 1 swapped, the tensors in the same order (what a fingerprint of the
+    values in order cannot see)."""
+    ckpt["model"] = {k.replace("layers.0.", "layers.X.").replace("layers.1.", "layers.0.").replace("layers.X.", "layers.1."): v
+                     for k, v in ckpt["model"].items()}
+
+
+def nan_weight(ckpt):
+    ckpt["model"]["norm.weight"][0] = float("nan")
+
+
+def nan_moment(ckpt):
+    next(iter(ckpt["optimizer"]["state"].values()))["exp_avg"].view(-1)[0] = float("nan")
+
+
 LONG = "n" * 252
 # round two: what the first table did not try, by kind (traceback, loss, silent, misleading before)
 BAD_INPUTS += [
@@ -2307,6 +2335,23 @@ BAD_INPUTS += [
     ("distill", DISTILL, lambda r: rewrite_cache(r, codes=lambda c: c + 256), ["test.*", "outside 0..255"]),
     ("distill", DISTILL, lambda r: rewrite_cache(r, labels=lambda y: y.astype(np.float32)), ["test.*", "not integers"]),
     ("distill", DISTILL, lambda r: rewrite_cache(r, labels=lambda y: y + 10), ["test.*", "labels from", "0..9"]),
+    # silent: checkpoints whose names, config or groups changed after the save, or that carry no record
+    ("sample", SAMPLE, lambda r: tamper(r / "teacher.pt", swap_layers), ["teacher.pt", "is damaged", "integrity"]),
+    ("sample", SAMPLE, lambda r: tamper(r / "teacher.pt", lambda c: c["config"].update(n_head=1)), ["teacher.pt", "damaged"]),
+    ("distill", KD, lambda r: tamper(r / "teacher.pt", lambda c: c["config"].update(rope_base=5000)), ["teacher.pt", "damaged"]),
+    ("sample", SAMPLE, lambda r: tamper(r / "tok.pt", lambda c: c["groups"].update({"64": torch.zeros(256, dtype=torch.long)})),
+     ["tok.pt", "damaged"]),
+    ("sample", SAMPLE, lambda r: tamper(r / "teacher.pt", lambda c: [c.pop("fingerprint"), c.pop("integrity")]),
+     ["teacher.pt", "without its fingerprint"]),
+    ("sample", SAMPLE, lambda r: tamper(r / "tok.pt", lambda c: [c.pop("fingerprint"), c.pop("integrity")]),
+     ["tok.pt", "without its fingerprint"]),
+    # misleading before: a damaged input named as divergence
+    ("distill", KD, lambda r: tamper(r / "teacher.pt", nan_weight, record=False), ["teacher.pt", "not finite"]),
+    ("distill", lambda r: DISTILL(r) + ["--init", f"{r}/teacher.pt"], lambda r: tamper(r / "teacher.pt", nan_weight, record=False),
+     ["teacher.pt", "not finite"]),
+    ("distill", lambda r: DISTILL(r) + ["--resume", "--max-iters", "4"],
+     lambda r: (distill.main(DISTILL(r)), tamper(r / "out" / "run.pt", lambda c: c["args"].update(max_iters=4)),
+                tamper(r / "out" / "run.pt", nan_moment)), ["run.pt", "optimizer state", "not finite"]),
 ]
 PROGRAMS = {"distill": distill.main, "sample": sample.main, "evaluate": evaluate.main, "tokenizer": tok.main,
             "study": study.main, "diagnose": diagnose.main}
@@ -2373,6 +2418,25 @@ def test_palette_and_16_bit_pngs_are_read_as_the_pixels_they_show(tmp_path):
     assert Image.open(tmp_path / "deep.png").mode.startswith("I") and np.array_equal(evaluate.read_png(tmp_path / "deep.png"), a[..., None])
     Image.fromarray(np.dstack([a, a, a, a])).save(tmp_path / "alpha.png")
     assert np.array_equal(evaluate.read_png(tmp_path / "alpha.png"), np.dstack([a, a, a]))
+
+
+def test_a_shipped_file_changed_in_any_way_is_refused_and_a_foreign_one_is_named_unchecked(tmp_path, monkeypatch, capsys):
+    shipped = tmp_path / "weights"
+    shipped.mkdir()
+    for name in checks.SHIPPED:
+        shutil.copy(data.WEIGHTS / name, shipped / name)
+    monkeypatch.setattr(checks, "WEIGHTS", shipped)
+    assert load_checkpoint(shipped / "teacher.pt").fingerprint == load_checkpoint(data.WEIGHTS / "teacher.pt").fingerprint
+    ckpt = torch.load(shipped / "tokenizer.pt", weights_only=True)
+    ckpt["groups"] = {"64": torch.zeros(256, dtype=torch.long)}  # a file before "integrity": its fingerprint still holds
+    torch.save(ckpt, shipped / "tokenizer.pt")
+    assert checks.weights_fingerprint(ckpt["model"]) == ckpt["fingerprint"]
+    with pytest.raises(SystemExit, match="tokenizer.pt is not the file this repository ships .*git checkout weights/tokenizer.pt"):
+        tok.load_tokenizer(shipped / "tokenizer.pt")
+    torch.save({"model": tiny_model().state_dict()}, tmp_path / "c2i_tiny.pt")  # LlamaGen's layout: nothing to check
+    load_checkpoint(tmp_path / "c2i_tiny.pt", "tiny", grid_size=4)
+    assert "c2i_tiny.pt: no fingerprint of ours (LlamaGen's, or a bare state dict): loaded as it is, unchecked" in \
+        capsys.readouterr().out
 
 
 def hold_lock(path):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from scipy.cluster.vq import kmeans2
 from tqdm import tqdm
 
-from checks import check_output, output_lock, positive, positive_int, ranged, read_checkpoint, seed_int
+from checks import check_output, integrity, output_lock, positive, positive_int, ranged, read_checkpoint, seed_int
 from data import atomic_write, fingerprint, load_fashion_mnist, save_grid
 
 
@@ -258,6 +258,7 @@ def weights_fingerprint(model):
 def save_tokenizer(model, path, **meta):
     state = {"model": model.state_dict(), "config": asdict(model.cfg), "fingerprint": model.fingerprint,
              "groups": {str(k): v for k, v in model.groups.items()}, **meta}
+    state["integrity"] = integrity(state)
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -289,6 +290,12 @@ def load_tokenizer(path, preset="VQ-16", image_size=None):
         raise SystemExit(f"{path} does not fit the tokenizer architecture: missing keys {missing[:3]}, "
                          f"unexpected keys {unexpected[:3]}, wrong shapes {wrong[:3]}; pass a "
                          f"checkpoint written by tokenizer.py or LlamaGen's {preset}")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise SystemExit(f"{path} is damaged: {bad[0]} holds values that are not finite; restore it from a copy or "
+                         f"train the tokenizer again")
+    if "fingerprint" not in ckpt and "integrity" not in ckpt:
+        print(f"{path}: no fingerprint of ours (LlamaGen's VQ-16?): loaded as it is, unchecked")
     model.load_state_dict(sd)
     model.groups = {int(k): v for k, v in ckpt.get("groups", {}).items()}
     model.fingerprint = weights_fingerprint(model)
@@ -364,6 +371,7 @@ def train(model, images, steps, batch_size=128, lr=2e-3, seed=0, reseed_every=10
         if state is not None and (step + 1) % save_every == 0 and step + 1 < steps:
             run = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": g.get_state(),
                    "step": step + 1, "settings": settings, "seconds": before + time.time() - t0}
+            run["integrity"] = integrity(run)
             atomic_write(state, lambda tmp: torch.save(run, tmp))
     model.eval()
     return before + time.time() - t0
