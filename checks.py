@@ -186,6 +186,18 @@ def read_checkpoint(path, what="checkpoint", fix="pass one saved by torch.save")
     return ckpt
 
 
+def check_weights(path, ckpt, state):
+    """After read_checkpoint, the weights a loader is about to use: every one finite (a damaged file is
+    named so here, never found later as a diverging run), and a file with no record of ours to check
+    it against (LlamaGen's) named as unchecked."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise SystemExit(f"{path} is damaged: {bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''} holds values "
+                         f"that are not finite; restore it from a copy or build it again")
+    if "fingerprint" not in ckpt and "integrity" not in ckpt:
+        print(f"{path}: no fingerprint of ours (LlamaGen's, or a bare state dict): loaded as it is, unchecked")
+
+
 def is_checkpoint(path):
     """A torch.save file (a zip holding data.pkl): never replaced by an image or an array."""
     try:

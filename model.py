@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checks import read_checkpoint, weights_fingerprint
+from checks import check_weights, read_checkpoint, weights_fingerprint
 
 
 @dataclass
@@ -421,12 +421,7 @@ def load_checkpoint(path, preset=None, grid_size=None, tokenizer=None, ckpt=None
             f"missing keys {missing[:4]}, unexpected keys {unexpected[:4]}, wrong shapes {wrong_shape[:4]}; "
             f"pass the preset it was trained with"
         )
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise SystemExit(f"{path} is damaged: {bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''} holds values "
-                         f"that are not finite; restore it from a copy or retrain it")
-    if "fingerprint" not in ckpt and "integrity" not in ckpt:
-        print(f"{path}: no fingerprint of ours (LlamaGen's, or a bare state dict): loaded as it is, unchecked")
+    check_weights(path, ckpt, state)
     model.load_state_dict(state, strict=True)
     model.fingerprint = ckpt.get("fingerprint") or weights_fingerprint(model.state_dict())
     return model.eval()

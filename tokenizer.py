@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from scipy.cluster.vq import kmeans2
 from tqdm import tqdm
 
-from checks import check_output, integrity, output_lock, positive, positive_int, ranged, read_checkpoint, seed_int
+from checks import check_output, check_weights, integrity, output_lock, positive, positive_int, ranged, read_checkpoint, seed_int
 from data import atomic_write, fingerprint, load_fashion_mnist, save_grid
 
 
@@ -290,12 +290,7 @@ def load_tokenizer(path, preset="VQ-16", image_size=None):
         raise SystemExit(f"{path} does not fit the tokenizer architecture: missing keys {missing[:3]}, "
                          f"unexpected keys {unexpected[:3]}, wrong shapes {wrong[:3]}; pass a "
                          f"checkpoint written by tokenizer.py or LlamaGen's {preset}")
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise SystemExit(f"{path} is damaged: {bad[0]} holds values that are not finite; restore it from a copy or "
-                         f"train the tokenizer again")
-    if "fingerprint" not in ckpt and "integrity" not in ckpt:
-        print(f"{path}: no fingerprint of ours (LlamaGen's VQ-16?): loaded as it is, unchecked")
+    check_weights(path, ckpt, sd)
     model.load_state_dict(sd)
     model.groups = {int(k): v for k, v in ckpt.get("groups", {}).items()}
     model.fingerprint = weights_fingerprint(model)
