@@ -32,7 +32,7 @@ import distill
 import evaluate
 import runs
 import tokenizer as tok
-from checks import existing_device, positive_int, ranged
+from checks import existing_device, fraction, positive_int, ranged
 from data import WEIGHTS
 from model import GPT, PRESETS, GPTConfig, autocast, compile_decode, load_checkpoint
 from sample import generate, jacobi_generate, speculative_figures, speculative_generate, timed
@@ -68,18 +68,31 @@ def speculative_speed(target, drafts, labels, gamma=4, batch_size=1, seed=0, gro
     return figures
 
 
-def main():
+def listed(kind):
+    """A type for argparse: comma-separated values, each parsed (and range-checked) by `kind`."""
+    return lambda text: [kind(x) for x in text.split(",")]
+
+
+def preset(text):
+    if text not in PRESETS:
+        raise argparse.ArgumentTypeError(f"unknown preset {text!r}: choose from {', '.join(PRESETS)}")
+    return text
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="teacher,student", help="comma-separated presets (default: teacher,student)")
+    p.add_argument("--sizes", type=listed(preset), default="teacher,student", help="comma-separated presets "
+                   f"of {', '.join(PRESETS)} (default: teacher,student)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="sequences per step / images per call, >= 1 (default: 64)")
-    p.add_argument("--grid", type=positive_int, default=7, help="codes per side, >= 1 (default: 7)")
+    p.add_argument("--grid", type=ranged(int, 1, 64), default=7, help="codes per side, in [1, 64] (LlamaGen's 512 px is "
+                   "32) (default: 7)")
     p.add_argument("--vocab", type=ranged(int, 4), default=256, help="codebook size, >= 4 (default: 256)")
     p.add_argument("--classes", type=positive_int, default=10, help="number of classes, >= 1 (default: 10)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per figure, median reported, >= 1 (default: 5)")
     p.add_argument("--device", type=existing_device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--teacher", default="teacher", help="teacher preset of the method rows (default: teacher)")
-    p.add_argument("--student", default="student", help="student preset of the method rows (default: student)")
+    p.add_argument("--teacher", type=preset, default="teacher", help="teacher preset of the method rows (default: teacher)")
+    p.add_argument("--student", type=preset, default="student", help="student preset of the method rows (default: student)")
     p.add_argument("--method-steps", type=positive_int, default=20, help="steps averaged per method, >= 1 (default: 20)")
     p.add_argument("--no-methods", action="store_true", help="skip the per-method table")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation figures")
@@ -88,10 +101,11 @@ def main():
     p.add_argument("--speculative", action="store_true", help="only the speculative sampling figures: "
                    "the shipped teacher with each student of the main job as its draft")
     p.add_argument("--out-dir", default="out", help="--speculative: where the main job's checkpoints are (default: out)")
-    p.add_argument("--gamma", default="4", help="--speculative: codes drafted per round, comma-separated (default: 4)")
+    p.add_argument("--gamma", type=listed(positive_int), default="4", help="--speculative: codes drafted per round, "
+                   "comma-separated, each >= 1 (default: 4)")
     p.add_argument("--spec-images", type=positive_int, default=50, help="--speculative: images per figure, >= 1 (default: 50)")
-    p.add_argument("--relax-delta", default="0", help="--speculative: LANTERN's relaxed acceptance budgets, "
-                   "comma-separated, 0 = exact (default: 0)")
+    p.add_argument("--relax-delta", type=listed(fraction), default="0", help="--speculative: LANTERN's relaxed "
+                   "acceptance budgets, comma-separated, each in [0, 1], 0 = exact (default: 0)")
     p.add_argument("--gsd", action="store_true", help="only sampling with no draft model (speculative Jacobi, GSD) "
                    "against the teacher alone and the student as its draft: speed eager and compiled, FID-cls")
     p.add_argument("--gsd-threshold", type=ranged(float, 0.0, 1.0), default=0.15, help="--gsd: GSD's probability "
@@ -101,7 +115,10 @@ def main():
                    "and --batch-size, a rollout, speculative sampling at batch 1 (the shipped teacher and student)")
     p.add_argument("--gpu-check", action="store_true", help="only the GPU figures: LlamaGen-B steps from an -L "
                    "teacher at 256 codes in bf16 + compile, GPT-B sampling eager and compiled, 2-rank DDP over nccl")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    only = [f"--{m.replace('_', '-')}" for m in ("imagenet", "speculative", "decode", "gsd", "gpu_check") if getattr(args, m)]
+    if len(only) > 1:
+        p.error(f"{' and '.join(only)} each run alone: pass one of them")
     device = torch.device(args.device)
     if args.imagenet:
         return imagenet(args, device)
@@ -117,7 +134,7 @@ def main():
     print(f"device {device}, {torch.get_num_threads()} threads, batch {B}, {args.grid}x{args.grid} codes "
           f"of {args.vocab}, median of {args.repeats}")
     print(f"{'size':>8} {'params':>8} {'train tok/s':>12} {'sample img/s':>13} {'no cache':>9} {'cache speed-up':>15}")
-    for size in args.sizes.split(","):
+    for size in args.sizes:
         config = GPTConfig(**PRESETS[size], vocab_size=args.vocab, num_classes=args.classes, grid_size=args.grid)
         model = GPT(config).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -204,7 +221,7 @@ def speculative(args, device):
     labels = torch.arange(classes, device=device).repeat(-(-args.spec_images // classes))[: args.spec_images]
     print(f"device {device}, {torch.get_num_threads()} threads, {len(labels)} images, the shipped teacher "
           f"as target, CFG 2.0")
-    deltas = [float(d) for d in args.relax_delta.split(",")]
+    deltas = args.relax_delta
     groups = None  # relaxed acceptance pools over VarKD's codebook groups, from the main job's tokenizer
     if any(deltas):
         groups = tokenizer.codebook_groups(teacher.config.vocab_size // 4)
@@ -212,7 +229,7 @@ def speculative(args, device):
     print(f"{'draft':>9} {'gamma':>6} {'delta':>6} {'batch':>6} {'accepted':>9} {'codes/call':>11} {'img/s':>7} "
           f"{'speed-up':>9} {'draft cost':>11}")
     for batch in (1, args.batch_size):
-        for gamma, delta in [(int(g), d) for g in args.gamma.split(",") for d in deltas]:
+        for gamma, delta in [(g, d) for g in args.gamma for d in deltas]:
             figures = speculative_speed(teacher, drafts, labels, gamma, batch, groups=groups, delta=delta, cfg_scale=2.0)
             alone = len(labels) / figures.pop("target")["seconds"]
             print(f"{'teacher':>9} {'-':>6} {'-':>6} {batch:>6} {'-':>9} {1:>11.2f} {alone:>7.1f} {1:>8.2f}x")
@@ -233,7 +250,7 @@ def gsd(args, device):
     student = load_checkpoint(home / "student.pt" if args.grid == 7 else home / "ce" / "ckpt.pt",
                               tokenizer=tokenizer.fingerprint).to(device)
     groups = tokenizer.codebook_groups(teacher.config.vocab_size // 4).to(device)
-    gamma = int(args.gamma.split(",")[0])
+    gamma = args.gamma[0]
     samplers = {  # each: (model, labels, cfg_scale, generator) -> (codes, counts or None)
         "teacher": lambda m, y, s, generator: (generate(m, y, s, generator=generator), None),
         "draft": lambda m, y, s, generator: speculative_generate(m, student, y, gamma, s, generator=generator),
@@ -283,7 +300,7 @@ def decode(args, device):
     labels = torch.arange(B, device=device) % teacher.config.num_classes
     codes = torch.randint(teacher.config.vocab_size, (B, T), device=device)
     spec_labels = torch.arange(args.spec_images, device=device) % teacher.config.num_classes
-    gammas = [int(g) for g in args.gamma.split(",")]
+    gammas = args.gamma
     cases = {f"{name} decode, batch {b}": (lambda m=m, b=b: generate(m, labels[:b]), b * T)
              for name, m in (("teacher", teacher), ("student", student)) for b in (1, B)}
     cases[f"student rollout of {B}"] = (lambda: distill.mixed_rollout(student, codes, labels,

@@ -94,6 +94,9 @@ def read_idx(path, expect_magic):
     except FileNotFoundError:
         raise SystemExit(f"{path} is missing: run `apt-get install dataset-fashion-mnist` or "
                          f"let data.py download it") from None
+    except (IsADirectoryError, PermissionError) as e:  # there, whole, but not readable: fetching it again would not help
+        raise SystemExit(f"{path} cannot be read ({e.strerror.lower()}): make it a readable file, or pass --data-dir "
+                         f"with the four Fashion-MNIST files") from None
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise SystemExit(f"{path} is truncated or not a gzip file ({e}): delete it and fetch "
                          f"it again") from None

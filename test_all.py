@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import bench
 import checks
 import classifier
 import data
@@ -2349,12 +2350,23 @@ BAD_INPUTS += [
     ("distill", KD, lambda r: tamper(r / "teacher.pt", nan_weight, record=False), ["teacher.pt", "not finite"]),
     ("distill", lambda r: DISTILL(r) + ["--init", f"{r}/teacher.pt"], lambda r: tamper(r / "teacher.pt", nan_weight, record=False),
      ["teacher.pt", "not finite"]),
+    ("distill", DISTILL, lambda r: [(r / "fm" / "t10k-labels-idx1-ubyte.gz").unlink(), (r / "fm" / "t10k-labels-idx1-ubyte.gz").mkdir(),
+                                    shutil.rmtree(r / "out" / "tokens")], ["t10k-labels-idx1-ubyte.gz", "cannot be read"]),
+    # bench.py: flags parsed and bounded like every other program's
+    ("bench", lambda r: ["--sizes", "teacher,bogus"], None, ["--sizes", "unknown preset 'bogus'"]),
+    ("bench", lambda r: ["--teacher", "huge"], None, ["--teacher", "unknown preset"]),
+    ("bench", lambda r: ["--speculative", "--gamma", "4,a"], None, ["--gamma", "'a' is not an integer"]),
+    ("bench", lambda r: ["--speculative", "--gamma", "0"], None, ["--gamma", ">= 1"]),
+    ("bench", lambda r: ["--speculative", "--relax-delta", "0,2"], None, ["--relax-delta", "[0, 1]"]),
+    ("bench", lambda r: ["--grid", "5000"], None, ["--grid", "[1, 64]"]),
+    ("bench", lambda r: ["--gsd", "--speculative"], None, ["--speculative and --gsd", "pass one"]),
+    ("bench", lambda r: ["--device", "cuda:7"], None, ["--device"]),
     ("distill", lambda r: DISTILL(r) + ["--resume", "--max-iters", "4"],
      lambda r: (distill.main(DISTILL(r)), tamper(r / "out" / "run.pt", lambda c: c["args"].update(max_iters=4)),
                 tamper(r / "out" / "run.pt", nan_moment)), ["run.pt", "optimizer state", "not finite"]),
 ]
 PROGRAMS = {"distill": distill.main, "sample": sample.main, "evaluate": evaluate.main, "tokenizer": tok.main,
-            "study": study.main, "diagnose": diagnose.main}
+            "study": study.main, "diagnose": diagnose.main, "bench": bench.main}
 
 
 @pytest.mark.parametrize("program, argv, make, words", BAD_INPUTS,
