@@ -281,6 +281,9 @@ def run(args, argv):
     fingerprints = {"tokenizer": tokenizer.fingerprint, "data": splits["train"][2]}
     teacher = runs.load_parent(args.teacher, "teacher", fingerprints, args.device, args.teacher_preset, tokenizer)[0]
     student = runs.load_parent(args.init, "student", fingerprints, args.device, args.size, tokenizer)[0]
+    if teacher.config.num_classes != student.config.num_classes:  # the null class of one is a real class of the other
+        raise SystemExit(f"the teacher {args.teacher} has {teacher.config.num_classes} classes, the student {args.init} "
+                         f"{student.config.num_classes}: pass two models of the same classes")
     compile_decode(student, args.decode)  # its continuations
     codes, labels = (t[:args.num_seqs].to(args.device).long() for t in splits["test"][:2])
     groups = tokenizer.codebook_groups(args.groups or teacher.config.vocab_size // 4).to(args.device)

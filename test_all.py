@@ -2275,6 +2275,14 @@ def tamper(path, edit, record=True):
     torch.save(ckpt, path)
 
 
+def tamper_save(r, classes):
+    """other.pt: a tiny GPT of ours on the same tokenizer, with another number of classes."""
+    teacher = tiny_model(3, vocab_size=256, num_classes=classes, grid_size=7)
+    ckpt = {"model": teacher.state_dict(), "config": asdict(teacher.config),
+            "fingerprints": {"tokenizer": torch.load(r / "teacher.pt", weights_only=True)["fingerprints"]["tokenizer"]}}
+    torch.save({**ckpt, "integrity": checks.integrity(ckpt)}, r / "other.pt")
+
+
 def swap_layers(ckpt):
     """The names of layers 0 and 1 swapped, the tensors in the same order (what a fingerprint of the
     values in order cannot see)."""
@@ -2352,6 +2360,10 @@ BAD_INPUTS += [
      ["teacher.pt", "not finite"]),
     ("distill", DISTILL, lambda r: [(r / "fm" / "t10k-labels-idx1-ubyte.gz").unlink(), (r / "fm" / "t10k-labels-idx1-ubyte.gz").mkdir(),
                                     shutil.rmtree(r / "out" / "tokens")], ["t10k-labels-idx1-ubyte.gz", "cannot be read"]),
+    # a teacher (or a target) of other classes: its null class is a real class of the other model
+    ("diagnose", lambda r: DIAGNOSE(r)[:-5] + [f"{r}/other.pt", "--size", "tiny", "--num-seqs", "4"],
+     lambda r: tamper_save(r, 12), ["other.pt", "has 10 classes", "12: pass two models"]),
+    ("sample", lambda r: SAMPLE(r) + ["--draft", f"{r}/other.pt"], lambda r: tamper_save(r, 12), ["--draft", "12 classes"]),
     # bench.py: flags parsed and bounded like every other program's
     ("bench", lambda r: ["--sizes", "teacher,bogus"], None, ["--sizes", "unknown preset 'bogus'"]),
     ("bench", lambda r: ["--teacher", "huge"], None, ["--teacher", "unknown preset"]),
