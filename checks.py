@@ -198,6 +198,16 @@ def check_weights(path, ckpt, state):
         print(f"{path}: no fingerprint of ours (LlamaGen's, or a bare state dict): loaded as it is, unchecked")
 
 
+def check_memory(n, shape, what):
+    """Before drawing n images of `shape` (H, W, C) and holding them (uint8) in memory: refuse a count
+    the machine cannot hold, in one sentence, rather than be killed by the kernel hours later."""
+    need = n * math.prod(shape)
+    free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    if need > free // 2:  # the images, and room for the model and the batch being decoded
+        raise SystemExit(f"{what} {n}: {n} images of {'x'.join(map(str, shape))} take {need / 1e9:.1f} GB, more than half "
+                         f"of the {free / 1e9:.1f} GB free here: pass fewer")
+
+
 def is_checkpoint(path):
     """A torch.save file (a zip holding data.pkl): never replaced by an image or an array."""
     try:

@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from classifier import as_input, load_classifier
-from checks import (check_output, existing_device, output_lock, positive_int, ranged, read_checkpoint, scale_list,
+from checks import (check_memory, check_output, existing_device, output_lock, positive_int, ranged, read_checkpoint, scale_list,
                     seed_int)
 from data import CLASSES, WEIGHTS, atomic_write, beside, fingerprint, load_fashion_mnist, load_image_folder, save_grid
 from inception import InceptionV3, load_inception  # noqa: F401 (re-exported: evaluate.InceptionV3, evaluate.load_inception)
@@ -172,6 +172,8 @@ def draw(model, tokenizer, n, cfg_scale=2.0, batch_size=500, seed=0, rank=0, wor
     under torchrun, this rank's share of them (every world-th, its own random stream). sampler:
     generate() or another with its arguments (bench.py scores speculative samplers' output)."""
     device = next(model.parameters()).device
+    check_memory(-(-n // world), (tokenizer.cfg.image_size, tokenizer.cfg.image_size, tokenizer.cfg.in_channels),
+                 "--num-samples")
     labels = (torch.arange(n, device=device) % model.config.num_classes)[rank::world]
     g = torch.Generator(device).manual_seed(seed + 1_000_003 * rank)
     grid, images = model.config.grid_size, []

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checks import (check_output, count, existing_device, fraction, guidance_scale, int_list, non_negative, output_lock,
+from checks import (check_memory, check_output, count, existing_device, fraction, guidance_scale, int_list, non_negative, output_lock,
                     positive_int, ranged, seed_int)
 from data import WEIGHTS, atomic_write, beside, save_grid
 from model import GPT, PRESETS, add_decode_flag, autocast, compile_decode, load_checkpoint
@@ -468,6 +468,8 @@ def draw_and_save(args, out):
     classes = args.classes or list(range(config.num_classes))
     if not all(0 <= c < config.num_classes for c in classes):
         raise SystemExit(f"--classes {classes} out of range: pass ids within 0..{config.num_classes - 1}")
+    check_memory(len(classes) * args.per_class, (tokenizer.cfg.image_size,) * 2 + (tokenizer.cfg.in_channels,),
+                 "--per-class x classes")
     labels = torch.tensor(classes, device=args.device).repeat_interleave(args.per_class)  # (rows * cols,)
     generator = torch.Generator(args.device).manual_seed(args.seed)
 

@@ -2364,6 +2364,11 @@ BAD_INPUTS += [
     ("diagnose", lambda r: DIAGNOSE(r)[:-5] + [f"{r}/other.pt", "--size", "tiny", "--num-seqs", "4"],
      lambda r: tamper_save(r, 12), ["other.pt", "has 10 classes", "12: pass two models"]),
     ("sample", lambda r: SAMPLE(r) + ["--draft", f"{r}/other.pt"], lambda r: tamper_save(r, 12), ["--draft", "12 classes"]),
+    # counts no machine holds: refused before the work, not killed by the kernel later
+    ("sample", lambda r: SAMPLE(r)[:4] + ["--per-class", str(10 ** 11), "--out", f"{r}/s.png"], None,
+     ["--per-class", "GB", "pass fewer"]),
+    ("evaluate", lambda r: [f"{r}/teacher.pt", "--tokenizer", f"{r}/tok.pt", "--num-samples", str(10 ** 12), "--out-dir",
+                            f"{r}/out"], None, ["--num-samples", "GB", "pass fewer"]),
     # bench.py: flags parsed and bounded like every other program's
     ("bench", lambda r: ["--sizes", "teacher,bogus"], None, ["--sizes", "unknown preset 'bogus'"]),
     ("bench", lambda r: ["--teacher", "huge"], None, ["--teacher", "unknown preset"]),
