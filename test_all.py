@@ -9,6 +9,7 @@ import ast
 import contextlib
 import copy
 import functools
+import errno
 import gzip
 import hashlib
 import itertools
@@ -2500,6 +2501,28 @@ def test_a_second_writer_of_a_study_run_or_of_a_save_npz_is_refused_naming_the_f
         assert f"{target} is being written by process {holder.pid}" in printed, printed
         after = snapshot(r)
         assert {p: after.get(p) for p in before} == before
+
+
+def test_an_out_dir_made_read_only_during_a_run_ends_in_one_sentence_and_the_run_resumes(bad_env, tmp_path, capsys,
+                                                                                          monkeypatch):
+    r = tmp_path / "r"
+    shutil.copytree(bad_env, r)
+    real, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):  # the second checkpoint meets a folder remounted read-only
+        calls.append(f)
+        if len(calls) == 2:
+            raise OSError(errno.EROFS, "Read-only file system", str(f))
+        return real(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save)
+    argv = DISTILL(r) + ["--max-iters", "4", "--ckpt-interval", "2"]
+    code, printed = refusal(distill.main, argv, capsys)
+    assert code not in (0, None) and "Traceback" not in printed
+    assert f"cannot write {r}/out/run.pt: read-only file system" in printed
+    assert f"{r}/out/run.pt keeps step 2: the same command with --resume continues from it" in printed
+    monkeypatch.undo()
+    distill.main(argv + ["--resume"])
+    assert torch.load(r / "out" / "run.pt", weights_only=True)["step"] == 4
 
 
 def test_a_full_disk_ends_in_one_sentence_and_the_last_checkpoint_still_resumes(bad_env, tmp_path, capsys):
