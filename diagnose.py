@@ -160,6 +160,9 @@ def report(d, grid, names):
 
 
 def read_diagnosis(path):
+    if not Path(path).is_file():
+        raise SystemExit(f"--compare {path}: no such file; pass the .json that python diagnose.py wrote "
+                         f"(<out-dir>/diagnosis.json)")
     try:
         d = json.loads(Path(path).read_text())
         assert all(key in d for key in ("seq_len", "distances", *CONTEXTS))

@@ -295,6 +295,8 @@ def existing_run(args, fingerprints, config, role):
     other inputs, of another size or, for the run asked for, with other flags; a parent the
     pipeline needs is continued with the flags it was started with."""
     if not Path(args.out).exists():
+        if args.resume and role is None and rank_world()[0] == 0:  # a mistyped --out would start over unnoticed
+            print(f"--resume: no checkpoint at {args.out} to continue, so the run starts there from step 0")
         return None
     fix = "pass --out elsewhere (nothing is overwritten)"
     ckpt = read_checkpoint(args.out, "checkpoint of distill.py", fix)

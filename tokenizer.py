@@ -420,7 +420,8 @@ def main(argv=None):
                    "shipped tokenizer's, ~11 min on 2 CPU cores)")
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per step, >= 1 (default: 128)")
     p.add_argument("--lr", type=positive, default=2e-3, help="peak Adam learning rate, > 0 (default: 2e-3)")
-    p.add_argument("--codebook-size", type=ranged(int, 4), default=256, help="number of codes, >= 4 (VarKD groups "
+    p.add_argument("--codebook-size", type=ranged(int, 4, 2 ** 16), default=256, help="number of codes, 4 to 65536 "
+                   "(LlamaGen's VQ-16 has 16384; VarKD groups "
                    "them by four) (default: 256)")
     p.add_argument("--seed", type=seed_int, default=0, help="random seed, >= 0 (default: 0)")
     args = p.parse_args(argv)
