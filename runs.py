@@ -67,7 +67,7 @@ def parser(description=None, methods=None, eval_cfg="1,2"):
                    "weights/tokenizer.pt; an image folder needs its own)")
     p.add_argument("--teacher", help="teacher checkpoint for the KD methods (default: weights/teacher.pt with the "
                    "shipped tokenizer, else <out-dir>/teacher.pt, trained if missing)")
-    p.add_argument("--teacher-preset", help="preset of a --teacher without a config, e.g. L for LlamaGen's "
+    p.add_argument("--teacher-preset", choices=list(PRESETS), help="preset of a --teacher without a config, e.g. L for LlamaGen's "
                    "c2i_L_256.pt (--size is the student's: B for c2i_B_256.pt)")
     p.add_argument("--init", "--student", help="student checkpoint to start from (default: the no-KD student for "
                    "kd: weights/student.pt with the shipped tokenizer, else <out-dir>/ce/ckpt.pt; <out-dir>/kd/ckpt.pt "

@@ -2367,6 +2367,7 @@ BAD_INPUTS += [
     ("sample", lambda r: SAMPLE(r) + ["--draft", f"{r}/other.pt"], lambda r: tamper_save(r, 12), ["--draft", "12 classes"]),
     ("tokenizer", lambda r: ["--codebook-size", str(10 ** 9), "--out", f"{r}/new.pt"], None, ["--codebook-size", "65536"]),
     ("diagnose", lambda r: DIAGNOSE(r) + ["--compare", f"{r}/nothing.json"], None, ["nothing.json", "no such file"]),
+    ("distill", lambda r: KD(r) + ["--teacher-preset", "bogus"], None, ["--teacher-preset", "invalid choice: 'bogus'"]),
     # counts no machine holds: refused before the work, not killed by the kernel later
     ("sample", lambda r: SAMPLE(r)[:4] + ["--per-class", str(10 ** 11), "--out", f"{r}/s.png"], None,
      ["--per-class", "GB", "pass fewer"]),
