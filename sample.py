@@ -488,9 +488,6 @@ def draw_and_save(args, out):
             how = f"speculative Jacobi, {args.gamma} codes ahead" + (f", GSD threshold {args.gsd_threshold}" if grouped else "")
         else:
             draft = load_checkpoint(args.draft, args.draft_preset, tokenizer.cfg.grid_size, tokenizer.fingerprint)
-            if draft.config.num_classes != config.num_classes:  # its null class is a real class of the target's
-                raise SystemExit(f"--draft {args.draft} has {draft.config.num_classes} classes, --ckpt "
-                                 f"{config.num_classes}: pass a draft trained on the same classes")
             draft = compile_decode(draft.to(args.device), args.decode)
             sampler = lambda chunk: speculative_generate(model, draft, chunk, args.gamma, **filters,  # noqa: E731
                                                          groups=groups, delta=args.relax_delta)

@@ -1535,7 +1535,7 @@ def test_a_teacher_of_other_classes_is_refused(trained_setup, tiny_teacher, tmp_
     table = "cls_embedding.embedding_table.weight"
     ckpt["model"][table] = ckpt["model"][table][:6]  # 5 classes and the null class: class 5 of the data is its null
     ckpt["config"]["num_classes"] = 5
-    ckpt["fingerprint"] = checks.weights_fingerprint(ckpt["model"])
+    ckpt["fingerprint"], ckpt["integrity"] = checks.weights_fingerprint(ckpt["model"]), checks.integrity(ckpt)
     torch.save(ckpt, tmp_path / "five.pt")
     with pytest.raises(SystemExit, match="five.pt has 5 classes, the data 10: pass a teacher trained on these classes"):
         run_distill(trained_setup, "--method", "kd", "--teacher", str(tmp_path / "five.pt"), "--init", "none",
@@ -2364,7 +2364,7 @@ BAD_INPUTS += [
     # a teacher (or a target) of other classes: its null class is a real class of the other model
     ("diagnose", lambda r: DIAGNOSE(r)[:-5] + [f"{r}/other.pt", "--size", "tiny", "--num-seqs", "4"],
      lambda r: tamper_save(r, 12), ["other.pt", "has 10 classes", "12: pass two models"]),
-    ("sample", lambda r: SAMPLE(r) + ["--draft", f"{r}/other.pt"], lambda r: tamper_save(r, 12), ["--draft", "12 classes"]),
+    ("sample", lambda r: SAMPLE(r) + ["--draft", f"{r}/other.pt"], lambda r: tamper_save(r, 12), ["other.pt", "12 classes"]),
     ("tokenizer", lambda r: ["--codebook-size", str(10 ** 9), "--out", f"{r}/new.pt"], None, ["--codebook-size", "65536"]),
     ("diagnose", lambda r: DIAGNOSE(r) + ["--compare", f"{r}/nothing.json"], None, ["nothing.json", "no such file"]),
     ("distill", lambda r: KD(r) + ["--teacher-preset", "bogus"], None, ["--teacher-preset", "invalid choice: 'bogus'"]),
