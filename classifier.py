@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checks import integrity, read_checkpoint, weights_fingerprint
+from checks import check_output, integrity, output_lock, positive_int, read_checkpoint, weights_fingerprint
 from data import WEIGHTS, atomic_write, fingerprint, load_fashion_mnist
 
 
@@ -112,15 +112,17 @@ def load_classifier(data_dir, path=CLASSIFIER):
     return model.eval().requires_grad_(False)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="where to save it, e.g. weights/classifier.pt (an existing file "
                    "is refused: FID-cls figures are tied to it)")
-    p.add_argument("--epochs", type=int, default=EPOCHS, help=f"epochs, one-cycle schedule (default: {EPOCHS}, "
-                   "the shipped one's)")
+    p.add_argument("--epochs", type=positive_int, default=EPOCHS, help=f"epochs, one-cycle schedule, >= 1 (default: "
+                   f"{EPOCHS}, the shipped one's)")
     p.add_argument("--data-dir", default="data", help="Fashion-MNIST folder (default: data, then the Debian package's)")
-    args = p.parse_args()
-    build(args.out, args.data_dir, args.epochs)
+    args = p.parse_args(argv)
+    check_output(args.out, "--out")  # before the training: writable, a file's place
+    with output_lock(args.out):
+        build(args.out, args.data_dir, args.epochs)
 
 
 if __name__ == "__main__":

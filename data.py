@@ -34,7 +34,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from checks import WEIGHTS, atomic_write, fingerprint  # noqa: F401 (also data.atomic_write, data.fingerprint, data.WEIGHTS)
+from checks import WEIGHTS, atomic_write, fingerprint, positive_int  # noqa: F401 (data.atomic_write, .fingerprint, .WEIGHTS)
 
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
@@ -387,14 +387,14 @@ def batch_indices(step, n, batch_size, seed):
     return torch.cat([epoch_order(n, seed, int(e))[pos[pos // n == e] % n] for e in (pos // n).unique()])
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default="data", help="where Fashion-MNIST's .gz files are looked for "
                    "first and downloaded to (default: data)")
     p.add_argument("--folder", help="instead, read a folder of images with one subfolder per class")
-    p.add_argument("--image-size", type=int, default=64, help="with --folder: side in pixels after "
-                   "centre crop and resize (default: 64)")
-    args = p.parse_args()
+    p.add_argument("--image-size", type=positive_int, default=64, help="with --folder: side in pixels after "
+                   "centre crop and resize, >= 1 (default: 64)")
+    args = p.parse_args(argv)
     if args.folder:
         images, labels, classes = load_image_folder(args.folder, args.image_size)
         print(f"{args.folder}: {images.shape} uint8, {len(classes)} classes")

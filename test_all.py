@@ -2373,6 +2373,13 @@ BAD_INPUTS += [
      ["--per-class", "GB", "pass fewer"]),
     ("evaluate", lambda r: [f"{r}/teacher.pt", "--tokenizer", f"{r}/tok.pt", "--num-samples", str(10 ** 12), "--out-dir",
                             f"{r}/out"], None, ["--num-samples", "GB", "pass fewer"]),
+    # data.py and classifier.py, the two small programs
+    ("data", lambda r: ["--folder", f"{r}/fm", "--image-size", "-5"], None, ["--image-size", ">= 1"]),
+    ("classifier", lambda r: ["--out", f"{r}/c.pt", "--epochs", "-1", "--data-dir", f"{r}/fm"], None, ["--epochs", ">= 1"]),
+    ("classifier", lambda r: ["--out", f"{r}/notes.txt/c.pt", "--data-dir", f"{r}/fm"],
+     lambda r: (r / "notes.txt").write_text("hi"), ["--out", "notes.txt is a file"]),
+    ("classifier", lambda r: ["--out", f"{r}/c.pt", "--data-dir", f"{r}/fm"], lambda r: (r / "c.pt.lock").mkdir(),
+     ["c.pt.lock", "cannot be made"]),
     # bench.py: flags parsed and bounded like every other program's
     ("bench", lambda r: ["--sizes", "teacher,bogus"], None, ["--sizes", "unknown preset 'bogus'"]),
     ("bench", lambda r: ["--teacher", "huge"], None, ["--teacher", "unknown preset"]),
@@ -2387,7 +2394,8 @@ BAD_INPUTS += [
                 tamper(r / "out" / "run.pt", nan_moment)), ["run.pt", "optimizer state", "not finite"]),
 ]
 PROGRAMS = {"distill": distill.main, "sample": sample.main, "evaluate": evaluate.main, "tokenizer": tok.main,
-            "study": study.main, "diagnose": diagnose.main, "bench": bench.main}
+            "study": study.main, "diagnose": diagnose.main, "bench": bench.main, "data": data.main,
+            "classifier": classifier.main}
 
 
 @pytest.mark.parametrize("program, argv, make, words", BAD_INPUTS,
