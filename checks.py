@@ -139,12 +139,14 @@ def integrity(ckpt):
     return fingerprint(*tensors, json.dumps(config, sort_keys=True), *groups)
 
 
-# the shipped files, each committed once: a change to one (its config, its groups, anything) is refused
+# the shipped files, each committed once, written before "integrity": (sha256 of the file, fingerprint
+# of its weights). A file there with those weights and other bytes was edited (its config, its groups)
+# and is refused; one rebuilt by the README's commands has other weights, and its own integrity record
 WEIGHTS = Path(__file__).parent / "weights"  # the shipped tokenizer, teacher, no-KD student and FID-cls classifier
-SHIPPED = {"tokenizer.pt": "f83b2b77f87a663cb97b98b108d78605b5951530e96938cc73dafcf35e8bd419",
-           "teacher.pt": "84fbb03528e7a3312c03d283b6d304516f2d1fa4d68fb095f922a14807d0474d",
-           "student.pt": "c3851975bcdab8bea22d1f8728dea7a712fc694c5e67a943fd41a4d9d1b6c31a",
-           "classifier.pt": "959bb89569720665103d6e3a72c15b29deeeb3408c346300b4bfa37a2f04c64b"}
+SHIPPED = {"tokenizer.pt": ("f83b2b77f87a663cb97b98b108d78605b5951530e96938cc73dafcf35e8bd419", "d569027b9e62fd49"),
+           "teacher.pt": ("84fbb03528e7a3312c03d283b6d304516f2d1fa4d68fb095f922a14807d0474d", "29040d8dd7fe1ec5"),
+           "student.pt": ("c3851975bcdab8bea22d1f8728dea7a712fc694c5e67a943fd41a4d9d1b6c31a", "20fbb9aba11e50b0"),
+           "classifier.pt": ("959bb89569720665103d6e3a72c15b29deeeb3408c346300b4bfa37a2f04c64b", "aff13c29bb3b4eda")}
 OURS = ("config", "args", "metrics", "fingerprints", "settings", "step")  # keys only our checkpoints hold
 
 
@@ -162,12 +164,13 @@ def read_checkpoint(path, what="checkpoint", fix="pass one saved by torch.save")
         raise SystemExit(f"{path} exists and is not a {what} (unreadable: {reason}): {fix}") from None
     if not isinstance(ckpt, dict):
         raise SystemExit(f"{path} exists and is not a {what} (it holds a {type(ckpt).__name__}): {fix}")
-    if path.resolve().parent == WEIGHTS.resolve() and path.name in SHIPPED:
-        if hashlib.sha256(path.read_bytes()).hexdigest() != SHIPPED[path.name]:
-            raise SystemExit(f"{path} is not the file this repository ships (its sha256 differs): restore it with "
-                             f"`git checkout {WEIGHTS.name}/{path.name}`")
     if not isinstance(ckpt.get("model"), dict):
         return ckpt  # a bare state dict (LlamaGen's tokenizer is one): nothing recorded to check it against
+    if path.resolve().parent == WEIGHTS.resolve() and path.name in SHIPPED:
+        sha, weights = SHIPPED[path.name]
+        if hashlib.sha256(path.read_bytes()).hexdigest() != sha and weights_fingerprint(ckpt["model"]) == weights:
+            raise SystemExit(f"{path} holds the shipped weights but is not the file this repository ships (edited: "
+                             f"its config or groups?): restore it with `git checkout {WEIGHTS.name}/{path.name}`")
     recorded = {"integrity": integrity, "fingerprint": lambda c: weights_fingerprint(c["model"])}
     if not any(k in ckpt for k in recorded):
         if any(k in ckpt for k in OURS):

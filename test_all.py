@@ -2472,8 +2472,11 @@ def test_a_shipped_file_changed_in_any_way_is_refused_and_a_foreign_one_is_named
     ckpt["groups"] = {"64": torch.zeros(256, dtype=torch.long)}  # a file before "integrity": its fingerprint still holds
     torch.save(ckpt, shipped / "tokenizer.pt")
     assert checks.weights_fingerprint(ckpt["model"]) == ckpt["fingerprint"]
-    with pytest.raises(SystemExit, match="tokenizer.pt is not the file this repository ships .*git checkout weights/tokenizer.pt"):
+    with pytest.raises(SystemExit, match="tokenizer.pt holds the shipped weights but is not the file this repository ships .*"
+                                         "git checkout weights/tokenizer.pt"):
         tok.load_tokenizer(shipped / "tokenizer.pt")
+    save_tiny(shipped / "teacher.pt", tiny_model())  # rebuilt by the README's commands: other weights, its own record
+    assert load_checkpoint(shipped / "teacher.pt").config == tiny_model().config
     torch.save({"model": tiny_model().state_dict()}, tmp_path / "c2i_tiny.pt")  # LlamaGen's layout: nothing to check
     load_checkpoint(tmp_path / "c2i_tiny.pt", "tiny", grid_size=4)
     assert "c2i_tiny.pt: no fingerprint of ours (LlamaGen's, or a bare state dict): loaded as it is, unchecked" in \
