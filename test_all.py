@@ -2380,6 +2380,16 @@ BAD_INPUTS += [
      lambda r: (r / "notes.txt").write_text("hi"), ["--out", "notes.txt is a file"]),
     ("classifier", lambda r: ["--out", f"{r}/c.pt", "--data-dir", f"{r}/fm"], lambda r: (r / "c.pt.lock").mkdir(),
      ["c.pt.lock", "cannot be made"]),
+    # more flags at their edges, program by program
+    ("evaluate", lambda r: EVAL(r) + ["--cfg-scale", "1e9"], samples, ["--cfg-scale", "[0, 100]"]),
+    ("sample", lambda r: SAMPLE(r) + ["--top-k", "-1"], None, ["--top-k"]),
+    ("sample", lambda r: SAMPLE(r) + ["--classes", "0,0"], None, ["--classes", "twice"]),
+    ("sample", lambda r: SAMPLE(r) + ["--classes", str(2 ** 40)], None, ["--classes", "out of range"]),
+    ("diagnose", lambda r: DIAGNOSE(r)[:-1] + ["0"], None, ["--num-seqs", ">= 1"]),
+    ("distill", lambda r: KD(r) + ["--window", "0"], None, ["--window", ">= 1"]),
+    ("distill", lambda r: KD(r) + ["--eval-cfg", "1,nan"], None, ["--eval-cfg"]),
+    ("study", lambda r: ["--rows", ","], None, ["--rows", "none given"]),
+    ("tokenizer", lambda r: ["--out", f"{r}/fm", "--steps", "1"], None, ["--out", "is a folder"]),
     # bench.py: flags parsed and bounded like every other program's
     ("bench", lambda r: ["--sizes", "teacher,bogus"], None, ["--sizes", "unknown preset 'bogus'"]),
     ("bench", lambda r: ["--teacher", "huge"], None, ["--teacher", "unknown preset"]),
