@@ -5,6 +5,8 @@ contexts versus on student contexts?
     python diagnose.py --student out/varkd/ckpt.pt --num-seqs 1000
     python diagnose.py --compare out/diagnosis.json out/grid14/diagnosis.json   # 49 and 196 codes side by side
 
+An earlier diagnosis of the same --name is never replaced without --force.
+
 Peruzzo et al. (2026, arXiv 2606.06078) build VarKD on the claim that "long decoding horizons and
 visual token ambiguity make teacher supervision unreliable, especially under student-conditioned
 contexts". This measures it. For --num-seqs test sequences, each cut at a real prefix of k codes
