@@ -1,12 +1,13 @@
 """Run bookkeeping for distill.py: the flags, the parents a method needs, and what already exists.
 
-Nothing here trains. `get_args` holds every flag and each method's defaults; `pipeline` lists the
+Nothing here trains. `parser` holds every flag, and `get_args` fills in each method's defaults from
+the table distill.py passes it (distill.METHODS, beside the losses); `pipeline` lists the
 runs a method needs, parents first (the teacher, the no-KD student `ce`, stage-1 `kd`); `load_data`
 builds the tokenizer and token caches on first use; `open_run` decides for one run whether the
 checkpoint at --out is reused, continued or refused, and loads its teacher and starting student;
-`save_checkpoint` writes atomically, recording the flags and the fingerprints of the data,
-tokenizer, teacher, starting checkpoint and the weights themselves. A checkpoint built from other
-inputs is refused in one sentence with the fix, never overwritten.
+`save_checkpoint` writes atomically, recording the flags, the fingerprints of the data, tokenizer,
+teacher, starting checkpoint and the weights themselves, and their integrity (checks.integrity). A
+checkpoint built from other inputs is refused in one sentence with the fix, never overwritten.
 """
 import argparse
 import os
