@@ -38,8 +38,9 @@ from checks import int_list, output_lock, positive_int, seed_int
 from data import CLASSES, WEIGHTS, atomic_write
 from bench import speculative_speed
 from distill import METHODS, train
-from evaluate import cfg_plot, draw, table
+from evaluate import SPEED_BATCHES, cfg_plot, draw, table
 from model import compile_decode, load_checkpoint
+from sample import sampling_speed
 
 # name, method, flags (after its method's tuned setting), what it is
 ROWS = [
@@ -276,6 +277,7 @@ def run(args, tokenizer, splits, seeds):
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(saved, indent=1)))
     if rank > 0:
         return None
+    retime(args, lines, student, tokenizer)
     results = summarise(lines, seeds, args, winners)
     results["wall_time_this_call"] = time.time() - t0
     out = study_dir(args)
@@ -293,6 +295,21 @@ def run(args, tokenizer, splits, seeds):
         compare_image(shown + [(r.out, n, at) for n, r in first], tokenizer, out / "compare.png", args.device, args.decode)
     print("\n" + markdown + f"\nwrote {out}/results.md, results.json, fid_vs_cfg.png, compare.png")
     return results
+
+
+def retime(args, lines, student, tokenizer):
+    """Every line's img/s from one timing for the whole report. The speed is the architecture's and
+    the scale's (one pass per code, two when guided), never the weights'; the lines' own timings were
+    taken in other calls under other loads (a study continued across sessions, tests beside it), so a
+    spread between the seeds of one architecture would be the machine's, not the model's."""
+    grid, fp = tokenizer.cfg.grid_size, tokenizer.fingerprint
+    configs = {"teacher": load_checkpoint(args.teacher, args.teacher_preset, grid, fp).config,
+               "student": load_checkpoint(student, None, grid, fp).config}  # every other row is the student's shape
+    speed = sampling_speed(configs, args.eval_cfg, SPEED_BATCHES, args.device, args.decode)
+    for (name, _), line in lines.items():
+        arch = "teacher" if name == "teacher" else "student"
+        for scale, figures in line["cfg"].items():
+            figures.update({f"img_s_{b}": speed[arch, float(scale), b] for b in SPEED_BATCHES})
 
 
 def seed_settings(args, seed):
@@ -444,7 +461,7 @@ def summarise(lines, seeds, args, winners):
 def results_markdown(results):
     def cell(m, digits, scale=1):
         text = f"{m['mean'] * scale:.{digits}f}"
-        return text + (f" ± {m['std'] * scale:.{digits}f}" if len(m["values"]) > 1 else "")
+        return text + (f" ± {m['std'] * scale:.{digits}f}" if len(set(m["values"])) > 1 else "")
     rows, scales = results["rows"], results["eval_cfg"]
     label = lambda r: r["name"] if r["what"] == r["name"] else f"{r['name']} ({r['what']})"
     control = results["control"]
@@ -468,7 +485,8 @@ def results_markdown(results):
                f"per code on the test split; teacher seqs: sequences the teacher scored or sampled, in thousands (a "
                f"CFG sample counts twice); gap closed = (FID_ce - FID_m) / (FID_ce - FID_teacher) per seed, each at its "
                f"best scale; beats {control}: mean FID-cls lower than {control} by more than the larger std; img/s: "
-               f"images sampled per second at 64 and at 1 per call (guidance doubles each call).")
+               f"images sampled per second at 64 and at 1 per call (guidance doubles each call), timed once for the "
+               f"whole table when it is written (a figure without a spread: the same for every seed).")
     if scales and "fid_by_cfg" in rows[0] and rows[0]["fid_by_cfg"]:
         out += ["", "| model | " + " | ".join(f"FID-cls at CFG {s:g}" for s in scales) + " |", "|---|" + "---:|" * len(scales)]
         for r in rows:
@@ -483,7 +501,8 @@ def results_markdown(results):
                 f" | {r['best_cfg']:g} | {cell(best['FID-cls'], 2)} | " + " | ".join(
                 cell(best[k], d) if k in best else "-" for k, d in (("img_s_64", 0), ("img_s_1", 1))) + " |")
         out.append("\nThe sampling cost: each model without guidance (one pass per code) and at its best scale "
-                   "(two passes when guided); img/s measured on the study's machine, one process, one decode mode.")
+                   "(two passes when guided); img/s timed once for the whole table, one process, one decode mode, "
+                   "one model per architecture (the weights do not change the work of a decode).")
     start = {"kd": "ce", "ce": None, "teacher": None}  # the rest start from results["start"]
     by_name = {r["name"]: r for r in rows}
     if "test_kl_rows" in rows[0]:
