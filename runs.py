@@ -26,9 +26,9 @@ from data import WEIGHTS, atomic_write, prepare_tokens
 from model import PRESETS, GPTConfig, add_decode_flag, compile_decode, load_checkpoint
 
 # flags every run of one pipeline shares: the parents built for a run get them too
-SHARED = ("methods", "out_dir", "data_dir", "grid", "flip", "image_size", "tokenizer", "teacher", "teacher_preset", "teacher_size",
-          "teacher_iters", "size", "batch_size", "seed", "device", "compile", "eval_interval", "eval_seqs",
-          "ckpt_interval")
+STAGE_FLAGS = ("methods", "out_dir", "data_dir", "grid", "flip", "image_size", "tokenizer", "teacher", "teacher_preset", "teacher_size",
+               "teacher_iters", "size", "batch_size", "seed", "device", "compile", "eval_interval", "eval_seqs",
+               "ckpt_interval")
 # what a run's weights depend on besides its inputs: a checkpoint is reused or continued only with the same
 RECIPE = ("method", "size", "max_iters", "batch_size", "lr", "min_lr_frac", "warmup", "schedule", "weight_decay",
           "grad_clip", "seed", "tau", "ce_weight", "lam", "beta", "supervise", "prefix_frac", "threshold",
@@ -165,7 +165,7 @@ def get_args(argv=None, p=None, **stage):
     for size in (args.size, args.teacher_size):
         if size not in PRESETS:
             p.error(f"unknown size {size!r}: choose one of {', '.join(PRESETS)}")
-    max_iters = args.max_iters  # shared only when given: each stage has its own default
+    max_iters = args.max_iters  # passed on only when given: each stage has its own default
     if args.grid != 7 and Path(args.out_dir).name != f"grid{args.grid}":  # another grid: a tree of its own
         args.out_dir = f"{args.out_dir}/grid{args.grid}"
     if args.out is None:
@@ -190,7 +190,7 @@ def get_args(argv=None, p=None, **stage):
     if args.teacher_cfg != 1 and args.method in ("ce", "cca"):
         p.error(f"--teacher-cfg {args.teacher_cfg:g}: {args.method} has no teacher to guide; pass it with kd, seqkd, "
                 f"onpolicy or varkd")
-    args.shared = {**{k: getattr(args, k) for k in SHARED}, "max_iters": max_iters}
+    args.stage_flags = {**{k: getattr(args, k) for k in STAGE_FLAGS}, "max_iters": max_iters}
     return args
 
 
@@ -199,9 +199,9 @@ def stage_args(args, stage):
     defaults plus the flags every run shares. The teacher does not depend on --seed: one teacher
     serves every seed of a study."""
     if stage == "teacher":
-        return get_args([], **{**args.shared, "method": "ce", "size": args.teacher_size,
+        return get_args([], **{**args.stage_flags, "method": "ce", "size": args.teacher_size,
                                "max_iters": args.teacher_iters, "seed": 0, "out": args.teacher})
-    return get_args([], **args.shared, method=stage)
+    return get_args([], **args.stage_flags, method=stage)
 
 
 def pipeline(args):
@@ -433,7 +433,7 @@ def save_checkpoint(path, model, optimizer, step, args, fingerprints, metrics):
     """Atomically: the weights and their fingerprint, config, optimizer, step, flags, RNG state, the
     fingerprints of the inputs and the metrics so far."""
     state = {"model": model.state_dict(), "config": asdict(model.config), "optimizer": optimizer.state_dict(),
-             "step": step, "args": {k: v for k, v in vars(args).items() if k not in ("methods", "shared")}, "rng": torch.get_rng_state(), "fingerprints": fingerprints,
+             "step": step, "args": {k: v for k, v in vars(args).items() if k not in ("methods", "stage_flags")}, "rng": torch.get_rng_state(), "fingerprints": fingerprints,
              "fingerprint": weights_fingerprint(model), "metrics": metrics}
     state["integrity"] = integrity(state)
     atomic_write(path, lambda tmp: torch.save(state, tmp))

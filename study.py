@@ -137,14 +137,14 @@ def train_locked(run, tokenizer, splits, role=None):
 
 def stage1(args, seed, base):
     """Stage-1 KD of a seed: from the one no-KD student, with the seed's data order."""
-    shared = {**args.shared, "seed": seed, "resume": True}
+    shared = {**args.stage_flags, "seed": seed, "resume": True}
     return runs.get_args([], **{**shared, "max_iters": args.kd_iters}, method="kd", out=f"{base}/kd/ckpt.pt")
 
 
 def stage2(args, seed, kd, method, flags, out):
     """A row's run from `kd` (the guidance-free study: from the no-KD student itself)."""
     init = kd.out if args.plan["start"] == "kd" else kd.init
-    shared = {**args.shared, "seed": seed, "resume": True, "max_iters": args.study_iters, "init": init}
+    shared = {**args.stage_flags, "seed": seed, "resume": True, "max_iters": args.study_iters, "init": init}
     return runs.get_args(["--method", method, *flags], **shared, out=out)
 
 
@@ -241,7 +241,7 @@ def run(args, tokenizer, splits, seeds):
     t0, (rank, world) = time.time(), runs.rank_world()
     # the parents: the shipped ones, or built once under the out-dir (another tokenizer)
     student = stage1(args, seeds[0], "").init
-    for parent in runs.pipeline(runs.get_args([], **args.shared, method="kd", init=student))[:-1]:
+    for parent in runs.pipeline(runs.get_args([], **args.stage_flags, method="kd", init=student))[:-1]:
         train_locked(parent, tokenizer, splits, role=runs.ROLES["teacher" if parent.out == args.teacher else parent.method])
     winners = dict(UNTUNED) if args.no_tune else args.winners or tune(args, tokenizer, splits)
     if world > 1:  # rank 0 measured the tuning: every rank trains the winners
