@@ -33,7 +33,7 @@ import evaluate
 import runs
 import tokenizer as tok
 from checks import existing_device, fraction, positive_int, ranged
-from data import WEIGHTS
+from data import WEIGHTS, parents
 from model import GPT, PRESETS, GPTConfig, autocast, compile_decode, load_checkpoint
 from sample import generate, jacobi_generate, speculative_figures, speculative_generate, timed
 
@@ -244,11 +244,10 @@ def gsd(args, device):
     shipped teacher (--grid 14: the 14x14 tree under --out-dir), CFG 2, codes per teacher call,
     drafts accepted and images/s at one image per call and at --batch-size, eager and compiled, then
     FID-cls of --gsd-samples samples of each sampler (eager, --batch-size per call)."""
-    home = WEIGHTS if args.grid == 7 else Path(args.out_dir) / f"grid{args.grid}"
-    tokenizer = tok.load_tokenizer(home / "tokenizer.pt")
-    teacher = load_checkpoint(home / "teacher.pt", tokenizer=tokenizer.fingerprint).to(device)
-    student = load_checkpoint(home / "student.pt" if args.grid == 7 else home / "ce" / "ckpt.pt",
-                              tokenizer=tokenizer.fingerprint).to(device)
+    home = parents(args.grid, args.out_dir if args.grid == 7 else f"{args.out_dir}/grid{args.grid}")
+    tokenizer = tok.load_tokenizer(home["tokenizer"])
+    teacher, student = (load_checkpoint(home[name], tokenizer=tokenizer.fingerprint).to(device)
+                        for name in ("teacher", "student"))
     groups = tokenizer.codebook_groups(teacher.config.vocab_size // 4).to(device)
     gamma = args.gamma[0]
     samplers = {  # each: (model, labels, cfg_scale, generator) -> (codes, counts or None)

@@ -53,9 +53,24 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 def beside(path, out_dir="out"):
     """Where what is computed about a file (its samples, its metrics.json) goes: beside it, or under
-    <out_dir>/weights/ for a shipped file, since weights/ holds the shipped files alone."""
+    <out_dir>/weights/ for a shipped file (weights/grid14/x.pt: <out_dir>/weights/grid14/x.pt), since
+    weights/ holds the shipped files alone."""
     path = Path(path)
-    return (Path(out_dir) / "weights" if path.parent.resolve() == WEIGHTS.resolve() else path.parent) / path.name
+    if path.resolve().is_relative_to(WEIGHTS.resolve()):
+        return Path(out_dir) / "weights" / path.resolve().relative_to(WEIGHTS.resolve())
+    return path
+
+
+def parents(grid, tree):
+    """{"tokenizer", "teacher", "student"}: the parents of a Fashion-MNIST code grid, as paths. Each is
+    the shipped file (weights/ for 7x7 codes, weights/grid14/ for 14x14) where the repository ships
+    it with the shipped tokenizer, else where distill.py builds it in the grid's tree of runs, `tree`
+    (out/ for 7x7, out/grid14/ for 14x14): <tree>/tokenizer.pt, <tree>/teacher.pt, <tree>/ce/ckpt.pt."""
+    home = WEIGHTS if grid == 7 else WEIGHTS / f"grid{grid}"
+    built = {"tokenizer": f"{tree}/tokenizer.pt", "teacher": f"{tree}/teacher.pt", "student": f"{tree}/ce/ckpt.pt"}
+    if not (home / "tokenizer.pt").exists():
+        return built
+    return {k: f"{home}/{k}.pt" if (home / f"{k}.pt").exists() else built[k] for k in built}
 
 
 def sha256_file(path):

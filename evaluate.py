@@ -36,7 +36,7 @@ from tqdm import tqdm
 from classifier import as_input, load_classifier
 from checks import (check_memory, check_output, existing_device, output_lock, positive_int, ranged, read_checkpoint, scale_list,
                     seed_int)
-from data import CLASSES, WEIGHTS, atomic_write, beside, fingerprint, load_fashion_mnist, load_image_folder, save_grid
+from data import CLASSES, atomic_write, beside, fingerprint, load_fashion_mnist, load_image_folder, parents, save_grid
 from inception import InceptionV3, load_inception  # noqa: F401 (re-exported: evaluate.InceptionV3, evaluate.load_inception)
 from model import GPTConfig, add_decode_flag, compile_decode, load_checkpoint
 from sample import generate, sampling_speed
@@ -548,9 +548,9 @@ def main(argv=None):
     p.add_argument("--ref", help="real reference: an .npz with mu/sigma (e.g. ADM's VIRTUAL_imagenet256_labeled.npz) "
                    "and/or arr_0 images, or an image folder (default: the Fashion-MNIST test split)")
     p.add_argument("--tokenizer", help="the checkpoint's tokenizer (default: the shipped one, weights/tokenizer.pt; "
-                   "with --grid 14, <out-dir>/grid14/tokenizer.pt)")
+                   "with --grid 14, weights/grid14/tokenizer.pt, or <out-dir>/grid14/tokenizer.pt where not shipped)")
     p.add_argument("--grid", type=int, default=7, choices=[7, 14], help="the default --tokenizer: the shipped 7x7 "
-                   "one, or the 14x14 one distill.py --grid 14 builds (default: 7)")
+                   "one, or the 14x14 one (shipped in weights/grid14/, else what distill.py --grid 14 built) (default: 7)")
     p.add_argument("--preset", help="preset of a checkpoint without a config, e.g. B for LlamaGen's c2i_B_256.pt")
     p.add_argument("--image-size", type=positive_int, help="the tokenizer's image side, e.g. 384 (default: its own)")
     p.add_argument("--out-dir", default="out", help="where reference features are cached (default: out)")
@@ -563,8 +563,8 @@ def main(argv=None):
                    help="a device this machine has (default: cuda if available)")
     add_decode_flag(p)
     args = p.parse_args(argv)
-    args.tokenizer = args.tokenizer or str(WEIGHTS / "tokenizer.pt" if args.grid == 7 else
-                                           Path(args.out_dir, f"grid{args.grid}", "tokenizer.pt"))
+    args.tokenizer = args.tokenizer or parents(args.grid, args.out_dir if args.grid == 7 else
+                                               f"{args.out_dir}/grid{args.grid}")["tokenizer"]
     args.rank, args.world = 0, 1
     if "RANK" in os.environ:  # torchrun: each rank draws and scores its share, rank 0 reports
         cuda = args.device.startswith("cuda")

@@ -22,7 +22,7 @@ import tokenizer as tok
 from checks import (check_output, count, existing_device, fraction, fraction_range, guidance_scale, integrity,
                     non_negative, positive, positive_int, read_checkpoint, scale_list, seed_int,
                     weights_fingerprint as state_fingerprint)
-from data import WEIGHTS, atomic_write, prepare_tokens
+from data import atomic_write, parents, prepare_tokens
 from model import PRESETS, GPTConfig, add_decode_flag, compile_decode, load_checkpoint
 
 # flags every run of one pipeline shares: the parents built for a run get them too
@@ -58,8 +58,8 @@ def parser(description=None, methods=None, eval_cfg="1,2"):
                    "Debian package's, then download); a folder with train/ (and val/) of one subfolder per "
                    "class, e.g. ImageNet, is encoded once to the token cache, over all ranks")
     p.add_argument("--grid", type=int, default=7, choices=sorted(tok.GRIDS), help="Fashion-MNIST: codes per image "
-                   "side, 7 (49 codes: the shipped parents) or 14 (196 codes, the long horizon: its tokenizer and "
-                   "parents live under <out-dir>/grid14/, built there if missing) (default: 7)")
+                   "side, 7 (49 codes: the parents in weights/) or 14 (196 codes, the long horizon: the parents in "
+                   "weights/grid14/ where shipped; its runs, and any parent missing there, under <out-dir>/grid14/) (default: 7)")
     p.add_argument("--flip", action="store_true", help="Fashion-MNIST: train on the mirror images too, as "
                    "LlamaGen extracts ImageNet (default: off; measured worse here: footwear faces one way)")
     p.add_argument("--image-size", type=positive_int, help="side of the images the tokenizer encodes, e.g. 384 for "
@@ -174,11 +174,11 @@ def get_args(argv=None, p=None, **stage):
     # the shipped parents go with the shipped tokenizer (Fashion-MNIST's default); another tokenizer,
     # or an image folder, has its parents under the out-dir, built there if missing
     folder = Path(args.data_dir, "train").is_dir()
-    args.tokenizer = args.tokenizer or (None if folder else f"{WEIGHTS}/tokenizer.pt" if args.grid == 7
-                                        else f"{args.out_dir}/tokenizer.pt")
-    shipped = args.tokenizer is not None and Path(args.tokenizer).resolve() == (WEIGHTS / "tokenizer.pt").resolve()
-    args.teacher = args.teacher or (f"{WEIGHTS}/teacher.pt" if shipped else f"{args.out_dir}/teacher.pt")
-    student = f"{WEIGHTS}/student.pt" if shipped else f"{args.out_dir}/ce/ckpt.pt"
+    home = parents(args.grid, args.out_dir)  # weights/ (or weights/grid14/) where shipped, else the out-dir's
+    args.tokenizer = args.tokenizer or (None if folder else home["tokenizer"])
+    shipped = args.tokenizer is not None and Path(args.tokenizer).resolve() == Path(home["tokenizer"]).resolve()
+    args.teacher = args.teacher or (home["teacher"] if shipped else f"{args.out_dir}/teacher.pt")
+    student = home["student"] if shipped else f"{args.out_dir}/ce/ckpt.pt"
     if args.max_iters is None and args.method == "ce" and (args.out == args.teacher or args.size == args.teacher_size):
         args.max_iters = args.teacher_iters
     for key in ("max_iters", "init", "lr", "lam", "beta", "supervise"):

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from checks import (check_memory, check_output, count, existing_device, fraction, guidance_scale, int_list, non_negative, output_lock,
                     positive_int, ranged, seed_int)
-from data import WEIGHTS, atomic_write, beside, save_grid
+from data import atomic_write, beside, parents, save_grid
 from model import GPT, PRESETS, add_decode_flag, autocast, compile_decode, load_checkpoint
 from tokenizer import load_tokenizer
 
@@ -384,9 +384,9 @@ def speculative_figures(*counts):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", "--teacher", help="GPT checkpoint to sample from (default: the shipped teacher, "
-                   "weights/teacher.pt; with --grid 14, out/grid14/teacher.pt)")
+                   "weights/teacher.pt; with --grid 14, weights/grid14/teacher.pt, or out/grid14/teacher.pt where not shipped)")
     p.add_argument("--grid", type=int, default=7, choices=[7, 14], help="the default --ckpt and --tokenizer: the "
-                   "shipped 7x7 ones, or the 14x14 tree distill.py --grid 14 builds in out/grid14/ (default: 7)")
+                   "shipped 7x7 ones, or the 14x14 ones (weights/grid14/, else what distill.py --grid 14 built in out/grid14/) (default: 7)")
     p.add_argument("--draft", help="a smaller GPT on the same codes, e.g. out/varkd/ckpt.pt: speculative sampling, "
                    "the same images' distribution in fewer calls of --ckpt (default: none)")
     p.add_argument("--draft-preset", choices=list(PRESETS), help="model shape of a LlamaGen --draft")
@@ -405,7 +405,7 @@ def main(argv=None):
     p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="model shape, needed only for LlamaGen checkpoints (default: from the checkpoint)")
     p.add_argument("--tokenizer", help="tokenizer checkpoint that decodes the codes (default: the shipped one, "
-                   "weights/tokenizer.pt; with --grid 14, out/grid14/tokenizer.pt)")
+                   "weights/tokenizer.pt; with --grid 14, weights/grid14/tokenizer.pt, or out/grid14/tokenizer.pt where not shipped)")
     p.add_argument("--image-size", type=positive_int, help="the tokenizer's image side, e.g. 384 for LlamaGen's "
                    "c2i_*_384.pt (default: the tokenizer's own)")
     p.add_argument("--out", default=None,
@@ -433,8 +433,8 @@ def main(argv=None):
     p.add_argument("--device", type=existing_device, default="cpu", help="torch device this machine has, e.g. cuda (default: cpu)")
     add_decode_flag(p)
     args = p.parse_args(argv)
-    home = WEIGHTS if args.grid == 7 else Path(f"out/grid{args.grid}")
-    args.ckpt, args.tokenizer = args.ckpt or str(home / "teacher.pt"), args.tokenizer or str(home / "tokenizer.pt")
+    home = parents(args.grid, "out" if args.grid == 7 else f"out/grid{args.grid}")
+    args.ckpt, args.tokenizer = args.ckpt or home["teacher"], args.tokenizer or home["tokenizer"]
     idle = [flag for flag, given in (("--relax-delta", args.relax_delta), ("--groups", args.groups and not args.gsd),
                                      ("--draft-preset", args.draft_preset)) if given]
     if idle and not args.draft:

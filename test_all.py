@@ -322,6 +322,40 @@ def test_the_shipped_files_load_and_reproduce_their_recorded_figures(tmp_path):
     assert abs((logits.argmax(1) == test_labels).mean() - recorded) < 1e-3
 
 
+GRID14_SHIPPED = ("tokenizer",)  # what weights/grid14/ holds so far; the rest is built under out/grid14/
+
+
+def test_the_shipped_14x14_files_reproduce_their_recorded_figures_and_are_the_defaults_of_grid_14(tmp_path):
+    """weights/grid14/: the tokenizer's recorded test MSE and PSNR, every shipped GPT's recorded test NLL
+    on that tokenizer's test cache; and each is what --grid 14 reads (distill, sample, evaluate)."""
+    home = data.WEIGHTS / "grid14"
+    assert sorted(p.stem for p in home.glob("*.pt")) == sorted(GRID14_SHIPPED)
+    tokenizer = tok.load_tokenizer(home / "tokenizer.pt")
+    recorded = torch.load(home / "tokenizer.pt", weights_only=True)
+    images, labels = data.load_fashion_mnist("test")
+    mse, psnr, usage = tok.evaluate(tokenizer, images)
+    assert tokenizer.cfg.grid_size == 14 and abs(mse - recorded["test_mse"]) < 1e-6 and usage == recorded["code_usage"]
+    encode = lambda x: tokenizer.encode(x).numpy()  # noqa: E731
+    codes, labels, _ = data.token_cache(tmp_path / "test", images, labels, encode, tokenizer.fingerprint)
+    codes, labels = torch.from_numpy(np.asarray(codes).reshape(len(codes), -1)), torch.from_numpy(labels)
+    for name in set(GRID14_SHIPPED) - {"tokenizer"}:
+        ckpt = torch.load(home / f"{name}.pt", weights_only=True)
+        model = load_checkpoint(home / f"{name}.pt", tokenizer=tokenizer.fingerprint)
+        assert model.config.grid_size == 14 and ckpt["step"] == ckpt["args"]["max_iters"]
+        nll = evaluate.held_out(model, codes.long(), labels)["test_nll"]
+        assert abs(nll - ckpt["metrics"]["test_nll"]) < 1e-3, (name, nll, ckpt["metrics"]["test_nll"])
+    args = distill.runs.get_args(["--method", "kd", "--grid", "14", "--out-dir", "o"], methods=distill.METHODS)
+    shipped = {k: str(home / f"{k}.pt") if k in GRID14_SHIPPED else v for k, v in
+               {"tokenizer": "o/grid14/tokenizer.pt", "teacher": "o/grid14/teacher.pt", "student": "o/grid14/ce/ckpt.pt"}.items()}
+    assert (args.tokenizer, args.teacher) == (shipped["tokenizer"], shipped["teacher"])
+    chain = distill.runs.pipeline(args)  # the parents not shipped are built in the out-dir's tree, then kd
+    built = [f"o/grid14/{path}" for path, name in (("teacher.pt", "teacher"), ("ce/ckpt.pt", "student"))
+             if name not in GRID14_SHIPPED]
+    assert [r.out for r in chain] == built + ["o/grid14/kd/ckpt.pt"] and chain[-1].init == shipped["student"]
+    assert data.parents(14, "out/grid14")["tokenizer"] == str(home / "tokenizer.pt")
+    assert data.beside(home / "teacher.pt") == Path("out/weights/grid14/teacher.pt")  # never written into weights/
+
+
 def test_the_shipped_parents_are_the_defaults_and_another_tokenizer_builds_its_own():
     args = distill.runs.get_args(["--method", "varkd"], methods=distill.METHODS)
     assert Path(args.tokenizer) == data.WEIGHTS / "tokenizer.pt" and Path(args.teacher) == data.WEIGHTS / "teacher.pt"
@@ -334,10 +368,11 @@ def test_the_shipped_parents_are_the_defaults_and_another_tokenizer_builds_its_o
                                                        ("varkd", "out/varkd/ckpt.pt", "out/kd/ckpt.pt")]
     assert [r.max_iters for r in own] == [3000, 12000, 400, 400]
     assert own[0].size == "teacher" and own[1].size == "student"
-    long = distill.runs.pipeline(distill.runs.get_args(["--method", "kd", "--grid", "14", "--out-dir", "o"], methods=distill.METHODS))
+    long = distill.runs.pipeline(distill.runs.get_args(["--method", "kd", "--grid", "14", "--out-dir", "o",
+                                                        "--tokenizer", "o/grid14/tok.pt"], methods=distill.METHODS))
     assert [(r.method, r.out, r.tokenizer, r.grid) for r in long] == [
-        ("ce", "o/grid14/teacher.pt", "o/grid14/tokenizer.pt", 14), ("ce", "o/grid14/ce/ckpt.pt", "o/grid14/tokenizer.pt", 14),
-        ("kd", "o/grid14/kd/ckpt.pt", "o/grid14/tokenizer.pt", 14)]  # its own tree, the parents' runs included
+        ("ce", "o/grid14/teacher.pt", "o/grid14/tok.pt", 14), ("ce", "o/grid14/ce/ckpt.pt", "o/grid14/tok.pt", 14),
+        ("kd", "o/grid14/kd/ckpt.pt", "o/grid14/tok.pt", 14)]  # its own tree, the parents' runs included
 
 
 # ------------------------------------------------------------------------------------ tokenizer
@@ -1461,12 +1496,19 @@ def test_diagnoses_at_7x7_and_14x14_are_compared_by_image_height(tmp_path, capsy
         diagnose.main(["--compare", str(tmp_path / "diagnosis_compare.md"), "--out-dir", str(tmp_path), "--force"])
 
 
-def test_sample_and_evaluate_look_in_the_14x14_tree_with_grid_14(tmp_path, monkeypatch):
+def test_sample_and_evaluate_read_the_shipped_14x14_parents_else_the_14x14_tree_with_grid_14(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match="out/grid14/tokenizer.pt"):
+    monkeypatch.setattr(data, "WEIGHTS", tmp_path / "w")  # nothing shipped: the tree distill.py --grid 14 builds
+    with pytest.raises(SystemExit, match="no tokenizer at out/grid14/tokenizer.pt"):
         sample.main(["--grid", "14"])
     save_tiny(tmp_path / "m.pt", tiny_model())
-    with pytest.raises(SystemExit, match="out/grid14/tokenizer.pt"):
+    with pytest.raises(SystemExit, match="no tokenizer at out/grid14/tokenizer.pt"):
+        evaluate.main(["m.pt", "--grid", "14"])
+    (tmp_path / "w" / "grid14").mkdir(parents=True)  # the tokenizer shipped, the teacher not: the tree's teacher
+    shutil.copy(Path(__file__).parent / "weights" / "grid14" / "tokenizer.pt", tmp_path / "w" / "grid14")
+    with pytest.raises(SystemExit, match="no GPT checkpoint at out/grid14/teacher.pt"):
+        sample.main(["--grid", "14"])
+    with pytest.raises(SystemExit, match="m.pt was trained on a 4x4 grid of codes, not 14x14"):
         evaluate.main(["m.pt", "--grid", "14"])
 
 
