@@ -244,7 +244,7 @@ def gsd(args, device):
     shipped teacher (--grid 14: the 14x14 tree under --out-dir), CFG 2, codes per teacher call,
     drafts accepted and images/s at one image per call and at --batch-size, eager and compiled, then
     FID-cls of --gsd-samples samples of each sampler (eager, --batch-size per call)."""
-    home = parents(args.grid, args.out_dir if args.grid == 7 else f"{args.out_dir}/grid{args.grid}")
+    home = parents(args.grid, args.out_dir)
     tokenizer = tok.load_tokenizer(home["tokenizer"])
     teacher, student = (load_checkpoint(home[name], tokenizer=tokenizer.fingerprint).to(device)
                         for name in ("teacher", "student"))

@@ -61,12 +61,13 @@ def beside(path, out_dir="out"):
     return path
 
 
-def parents(grid, tree):
+def parents(grid, out_dir="out"):
     """{"tokenizer", "teacher", "student"}: the parents of a Fashion-MNIST code grid, as paths. Each is
     the shipped file (weights/ for 7x7 codes, weights/grid14/ for 14x14) where the repository ships
-    it with the shipped tokenizer, else where distill.py builds it in the grid's tree of runs, `tree`
-    (out/ for 7x7, out/grid14/ for 14x14): <tree>/tokenizer.pt, <tree>/teacher.pt, <tree>/ce/ckpt.pt."""
+    it with the shipped tokenizer, else where distill.py builds it in the grid's tree of runs (out_dir
+    for 7x7, <out_dir>/grid14/ for 14x14): <tree>/tokenizer.pt, <tree>/teacher.pt, <tree>/ce/ckpt.pt."""
     home = WEIGHTS if grid == 7 else WEIGHTS / f"grid{grid}"
+    tree = out_dir if grid == 7 or Path(out_dir).name == f"grid{grid}" else f"{out_dir}/grid{grid}"
     built = {"tokenizer": f"{tree}/tokenizer.pt", "teacher": f"{tree}/teacher.pt", "student": f"{tree}/ce/ckpt.pt"}
     if not (home / "tokenizer.pt").exists():
         return built

@@ -563,8 +563,7 @@ def main(argv=None):
                    help="a device this machine has (default: cuda if available)")
     add_decode_flag(p)
     args = p.parse_args(argv)
-    args.tokenizer = args.tokenizer or parents(args.grid, args.out_dir if args.grid == 7 else
-                                               f"{args.out_dir}/grid{args.grid}")["tokenizer"]
+    args.tokenizer = args.tokenizer or parents(args.grid, args.out_dir)["tokenizer"]
     args.rank, args.world = 0, 1
     if "RANK" in os.environ:  # torchrun: each rank draws and scores its share, rank 0 reports
         cuda = args.device.startswith("cuda")

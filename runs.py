@@ -174,7 +174,7 @@ def get_args(argv=None, p=None, **stage):
     # the shipped parents go with the shipped tokenizer (Fashion-MNIST's default); another tokenizer,
     # or an image folder, has its parents under the out-dir, built there if missing
     folder = Path(args.data_dir, "train").is_dir()
-    home = parents(args.grid, args.out_dir)  # weights/ (or weights/grid14/) where shipped, else the out-dir's
+    home = parents(args.grid, args.out_dir)  # weights/ (or weights/grid14/) where shipped, else the out-dir's tree
     args.tokenizer = args.tokenizer or (None if folder else home["tokenizer"])
     shipped = args.tokenizer is not None and Path(args.tokenizer).resolve() == Path(home["tokenizer"]).resolve()
     args.teacher = args.teacher or (home["teacher"] if shipped else f"{args.out_dir}/teacher.pt")

@@ -433,7 +433,7 @@ def main(argv=None):
     p.add_argument("--device", type=existing_device, default="cpu", help="torch device this machine has, e.g. cuda (default: cpu)")
     add_decode_flag(p)
     args = p.parse_args(argv)
-    home = parents(args.grid, "out" if args.grid == 7 else f"out/grid{args.grid}")
+    home = parents(args.grid)
     args.ckpt, args.tokenizer = args.ckpt or home["teacher"], args.tokenizer or home["tokenizer"]
     idle = [flag for flag, given in (("--relax-delta", args.relax_delta), ("--groups", args.groups and not args.gsd),
                                      ("--draft-preset", args.draft_preset)) if given]

@@ -326,8 +326,8 @@ GRID14_SHIPPED = ("tokenizer", "student")  # what weights/grid14/ holds so far; 
 
 
 def test_the_shipped_14x14_files_reproduce_their_recorded_figures_and_are_the_defaults_of_grid_14(tmp_path):
-    """weights/grid14/: the tokenizer's recorded test MSE and PSNR, every shipped GPT's recorded test NLL
-    on that tokenizer's test cache; and each is what --grid 14 reads (distill, sample, evaluate)."""
+    """weights/grid14/: the tokenizer's recorded test MSE and code usage, every shipped GPT's recorded test
+    NLL on that tokenizer's test cache; and each is what --grid 14 reads (the others: built under the out-dir)."""
     home = data.WEIGHTS / "grid14"
     assert sorted(p.stem for p in home.glob("*.pt")) == sorted(GRID14_SHIPPED)
     tokenizer = tok.load_tokenizer(home / "tokenizer.pt")
@@ -352,7 +352,7 @@ def test_the_shipped_14x14_files_reproduce_their_recorded_figures_and_are_the_de
     built = [f"o/grid14/{path}" for path, name in (("teacher.pt", "teacher"), ("ce/ckpt.pt", "student"))
              if name not in GRID14_SHIPPED]
     assert [r.out for r in chain] == built + ["o/grid14/kd/ckpt.pt"] and chain[-1].init == shipped["student"]
-    assert data.parents(14, "out/grid14")["tokenizer"] == str(home / "tokenizer.pt")
+    assert data.parents(14)["tokenizer"] == data.parents(14, "out/grid14")["tokenizer"] == str(home / "tokenizer.pt")
     assert data.beside(home / "teacher.pt") == Path("out/weights/grid14/teacher.pt")  # never written into weights/
 
 
