@@ -322,7 +322,7 @@ def test_the_shipped_files_load_and_reproduce_their_recorded_figures(tmp_path):
     assert abs((logits.argmax(1) == test_labels).mean() - recorded) < 1e-3
 
 
-GRID14_SHIPPED = ("tokenizer", "student")  # what weights/grid14/ holds so far; the rest is built under out/grid14/
+GRID14_SHIPPED = ("tokenizer", "teacher", "student")  # what weights/grid14/ holds: all three parents
 
 
 def test_the_shipped_14x14_files_reproduce_their_recorded_figures_and_are_the_defaults_of_grid_14(tmp_path):
